@@ -1,0 +1,269 @@
+"""onnxshrink: a framework-agnostic ONNX graph-rewriting optimizer.
+
+Post-export use from any framework::
+
+    import onnxshrink
+    result = onnxshrink.optimize("model.onnx", passes="fold", data="calib.npz")
+    result.save("model.small.onnx")
+    print(result.report)
+
+Data flow: load (once, into onnx_ir) → passes in place → save to a temporary file → validate against the
+original in onnxruntime → move into place (atomic). The input model is never modified.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from onnxshrink.calib import Dataset, input_specs, load_data, synthetic_data
+from onnxshrink.errors import (
+    DataError,
+    InputError,
+    ModelLoadError,
+    OutputPathError,
+    PassFailedError,
+    ShrinkError,
+    SpecError,
+    UsageError,
+    ValidationFailedError,
+)
+from onnxshrink.model import ModelSource, check_output_path, load_model, model_stats, save_model
+from onnxshrink.pipeline import DEFAULT_PIPELINE, Step, format_pipeline, parse, run_pipeline
+from onnxshrink.registry import PassContext
+from onnxshrink.report import Report
+from onnxshrink.validate import Tolerances, ValidationResult, compare_models
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "optimize",
+    "OptimizeResult",
+    "Report",
+    "ShrinkError",
+    "UsageError",
+    "SpecError",
+    "InputError",
+    "ModelLoadError",
+    "DataError",
+    "OutputPathError",
+    "PassFailedError",
+    "ValidationFailedError",
+]
+
+
+def _file_bytes(path: Path) -> int:
+    """Size of a model file plus the external-data files next to it that it references."""
+    total = path.stat().st_size
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return total
+    locations = set()
+    for init in proto.graph.initializer:
+        for entry in init.external_data:
+            if entry.key == "location":
+                locations.add(entry.value)
+    for loc in locations:
+        p = path.parent / loc
+        if p.is_file():
+            total += p.stat().st_size
+    return total
+
+
+class OptimizeResult:
+    """The outcome of :func:`optimize`: the optimized model, its report, and :meth:`save`."""
+
+    def __init__(self, model: ir.Model, report: Report, artifact: Path | None, workdir: str | None):
+        self.model = model
+        self.report = report
+        self._artifact = artifact
+        self._workdir = workdir
+
+    @property
+    def ok(self) -> bool:
+        """False if validation ran and failed."""
+        return self.report.verdict != "failed"
+
+    def save(self, path: str | os.PathLike, *, force: bool = False) -> Path:
+        """Write the optimized model to ``path`` atomically.
+
+        Args:
+            path: destination; must not be the input model.
+            force: save even if validation failed.
+
+        Raises:
+            ValidationFailedError: validation failed and ``force`` is False.
+            OutputPathError: ``path`` is the input or not writable.
+        """
+        if not self.ok and not force:
+            raise ValidationFailedError(
+                f"validation failed: {self.report.validation.reason if self.report.validation else ''}; not saved",
+                hint="pass force=True (CLI: --force) to write it anyway",
+            )
+        inputs = [self.report.input] if self.report.input and os.path.exists(self.report.input) else []
+        dest = check_output_path(path, inputs)
+        artifact = self._artifact
+        if artifact is not None and artifact.exists() and artifact.name == dest.name:
+            data = artifact.parent / (artifact.name + ".data")
+            tmp = dest.parent / f".{dest.name}.onnxshrink-tmp"
+            if data.exists():
+                tmp_data = dest.parent / f".{dest.name}.data.onnxshrink-tmp"
+                shutil.copyfile(data, tmp_data)
+                os.replace(tmp_data, dest.parent / (dest.name + ".data"))
+            shutil.copyfile(artifact, tmp)
+            os.replace(tmp, dest)
+        else:
+            save_model(self.model, dest)
+        self.report.output = str(dest)
+        self.report.after.file_bytes = _file_bytes(dest)
+        return dest
+
+    def close(self) -> None:
+        """Delete the temporary files of this run."""
+        if self._workdir:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def _as_dataset(data: Any, model: ir.Model) -> Dataset | None:
+    if data is None:
+        return None
+    if isinstance(data, Dataset):
+        return data
+    specs = input_specs(model)
+    if isinstance(data, dict):
+        from onnxshrink.calib import _fit_chunk
+
+        chunk = _fit_chunk(specs, {k: np.asarray(v) for k, v in data.items()}, "data")
+        return Dataset([lambda: chunk], len(next(iter(chunk.values()))), "data")
+    return load_data(data, specs)
+
+
+def optimize(
+    model: ModelSource,
+    passes: str | list[Step] | None = None,
+    *,
+    data: Any = None,
+    input_shapes: dict[str, list[int]] | None = None,
+    validate: bool = True,
+    validate_each: bool = False,
+    tolerance: float | Tolerances | None = None,
+    output: str | os.PathLike | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> OptimizeResult:
+    """Optimize a model with a pipeline of passes and validate the result against the original.
+
+    Args:
+        model: a path, model bytes, an ``onnx.ModelProto`` or an ``onnx_ir.Model`` (a copy is not
+            made for an ``ir.Model``: it is optimized in place).
+        passes: a pass spec such as ``"fold,quant(mode=static)"``, or parsed steps. Default: ``"fold"``.
+        data: inputs for calibration and validation: an .npz path, a folder, a dict of arrays, or a
+            :class:`~onnxshrink.calib.Dataset`. Without it, validation uses deterministic synthetic inputs.
+        input_shapes: concrete shapes for dynamic inputs, ``{"input": [1, 3, 224, 224]}``.
+        validate: compare with the original in onnxruntime after the pipeline.
+        validate_each: also compare after every pass; the first pass that breaks the tolerance is named.
+        tolerance: allowed relative L2 error (float) or :class:`~onnxshrink.validate.Tolerances`; default
+            the largest tolerance of the pipeline's passes.
+        output: where :meth:`OptimizeResult.save` will write (lets validation run on the final file).
+        progress: callback ``(label, done, total)`` for long work.
+
+    Returns:
+        An :class:`OptimizeResult` (``.report``, ``.save()``, ``.model``).
+
+    Raises:
+        ShrinkError: bad spec, model, data or output path (exit code 2 in the CLI); a pass that failed
+            (1); with ``validate_each``, the pass that broke the tolerance (3).
+    """
+    start = time.perf_counter()
+    steps = parse(passes or DEFAULT_PIPELINE) if not isinstance(passes, list) else passes
+    input_path = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
+    if output is not None:
+        check_output_path(output, [input_path] if input_path else [])
+    m = load_model(model)
+    workdir = tempfile.mkdtemp(prefix="onnxshrink-")
+    ok = False
+    try:
+        notes: list[str] = []
+        specs = input_specs(m)
+        dataset = _as_dataset(data, m)
+        context = PassContext(data=dataset, input_shapes=dict(input_shapes or {}), progress=progress)
+        for step in steps:
+            if step.info.cls.needs_data and dataset is None:
+                raise UsageError(f"pass {step.name!r} needs --data", pass_name=step.name,
+                                 hint="give calibration data with --data (an .npz with one array per input)")
+        val_data = None
+        if validate or validate_each:
+            if dataset is not None:
+                val_data = dataset
+            else:
+                val_data, shape_notes = synthetic_data(specs, input_shapes)
+                notes += [f"validation on synthetic inputs: {n}" for n in shape_notes]
+        ref_path = input_path
+        if (validate or validate_each) and ref_path is None:
+            ref_path = os.path.join(workdir, "original.onnx")
+            save_model(m, ref_path)
+        try:
+            ir.passes.common.ShapeInferencePass(strict_mode=False)(m)
+        except Exception:
+            notes.append("shape inference failed on the input: MACs may be incomplete")
+        before = model_stats(m)
+        before.file_bytes = _file_bytes(Path(input_path)) if input_path else None
+        tol = tolerance if isinstance(tolerance, Tolerances) else Tolerances(
+            tolerance if tolerance is not None else max(s.info.cls.tolerance for s in steps)
+        )
+        out_name = Path(os.fspath(output)).name if output is not None else "model.onnx"
+        artifact = Path(workdir) / "out" / out_name
+        artifact.parent.mkdir()
+
+        def after_each(step: Step, model_now: ir.Model, record: Any) -> None:
+            each_path = Path(workdir) / "each" / out_name
+            each_path.parent.mkdir(exist_ok=True)
+            save_model(model_now, each_path)
+            result = compare_models(ref_path, each_path, val_data, tol)
+            record.validation = result
+            if result.status == "failed":
+                raise ValidationFailedError(
+                    f"validation failed after pass {step.name!r}: {result.reason}",
+                    pass_name=step.name,
+                    hint="this pass broke the outputs; change its options or drop it from --passes",
+                )
+
+        records = run_pipeline(m, steps, context, after_each=after_each if validate_each else None)
+        save_model(m, artifact)
+        validation: ValidationResult | None = None
+        if validate:
+            validation = compare_models(ref_path, artifact, val_data, tol)
+            validation.notes = notes + validation.notes
+            notes = []
+        after = model_stats(m)
+        after.file_bytes = _file_bytes(artifact)
+        report = Report(
+            input=input_path or "<in-memory model>",
+            output=None,
+            pipeline=format_pipeline(steps),
+            before=before,
+            after=after,
+            passes=records,
+            validation=validation,
+            seconds=time.perf_counter() - start,
+            notes=notes,
+            version=__version__,
+        )
+        ok = True
+        return OptimizeResult(m, report, artifact, workdir)
+    finally:
+        if not ok:
+            shutil.rmtree(workdir, ignore_errors=True)

@@ -1,0 +1,354 @@
+"""Loading, saving and measuring models.
+
+A model is loaded once into an :class:`onnx_ir.Model` (weights of external-data models stay memory-mapped),
+kept through every pass and saved once. Saving is atomic: the model (and its external-data file, if any) is
+written into a temporary folder beside the destination and then renamed into place, so a failed or
+interrupted save never leaves a half-written file and never touches the input.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator, Union
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from onnxshrink.errors import ModelLoadError, OutputPathError
+
+__all__ = [
+    "ModelSource",
+    "load_model",
+    "save_model",
+    "check_output_path",
+    "ModelStats",
+    "model_stats",
+    "iter_graphs",
+    "iter_nodes",
+    "constant_tensors",
+    "EXTERNAL_DATA_THRESHOLD",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Models whose weights exceed this many bytes are saved with external data (protobuf's 2 GiB limit).
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+ModelSource = Union[str, os.PathLike, bytes, onnx.ModelProto, ir.Model]
+
+
+def _check_external_data(model: ir.Model, where: str) -> None:
+    """Raise ModelLoadError if an external tensor's file is missing or too short."""
+    for graph in iter_graphs(model):
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if isinstance(tensor, ir.ExternalTensor):
+                path = Path(tensor.base_dir) / tensor.location
+                if not path.is_file():
+                    raise ModelLoadError(
+                        f"external data file {tensor.location!r} of {where} is missing",
+                        tensor=value.name,
+                        hint=f"put {tensor.location!r} next to the model (looked in {tensor.base_dir})",
+                    )
+                needed = (tensor.offset or 0) + (tensor.length if tensor.length is not None else 0)
+                if path.stat().st_size < needed:
+                    raise ModelLoadError(
+                        f"external data file {tensor.location!r} of {where} is truncated "
+                        f"({path.stat().st_size} bytes, tensor needs up to byte {needed})",
+                        tensor=value.name,
+                        hint="the data file is incomplete; copy it again from the source",
+                    )
+
+
+def _check_graph(proto_or_path: onnx.ModelProto | str, where: str) -> None:
+    try:
+        onnx.checker.check_model(proto_or_path)
+    except onnx.checker.ValidationError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(
+            f"{where} is not a valid ONNX graph: {first}",
+            hint="fix the exporter output, or check it with `python -m onnx.checker`",
+        ) from e
+    except Exception as e:  # checker may raise other errors for unknown opsets etc.
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"{where} cannot be checked: {first}", hint="is the onnx package too old?") from e
+
+
+def load_model(source: ModelSource, *, check: bool = True) -> ir.Model:
+    """Load a model into onnx_ir from a path, serialized bytes, a ModelProto or an ir.Model.
+
+    External data is not read into memory: tensors stay memory-mapped until a pass changes them.
+
+    Args:
+        source: a path to a .onnx file, its bytes, an ``onnx.ModelProto`` or an ``onnx_ir.Model``
+            (returned as is).
+        check: run the ONNX checker (not the full shape check) and verify external data files.
+
+    Returns:
+        The loaded ``onnx_ir.Model``.
+
+    Raises:
+        ModelLoadError: the file is missing, empty, not ONNX, truncated, invalid, or its external
+            data is missing.
+    """
+    if isinstance(source, ir.Model):
+        return source
+    if isinstance(source, onnx.ModelProto):
+        if check:
+            _check_graph(source, "the model")
+        try:
+            return ir.from_proto(source)
+        except Exception as e:
+            raise ModelLoadError(f"the model cannot be read: {e}") from e
+    if isinstance(source, (bytes, bytearray)):
+        if not source:
+            raise ModelLoadError("the model bytes are empty")
+        try:
+            proto = onnx.load_from_string(bytes(source))
+        except Exception as e:
+            raise ModelLoadError(
+                "the bytes are not an ONNX model (protobuf parse failed)", hint="is it truncated?"
+            ) from e
+        return load_model(proto, check=check)
+
+    path = Path(os.fspath(source))
+    where = str(path)
+    if not path.exists():
+        raise ModelLoadError(f"model file {where} does not exist", hint="check the path")
+    if path.is_dir():
+        raise ModelLoadError(f"{where} is a folder, not an ONNX file")
+    size = path.stat().st_size
+    if size == 0:
+        raise ModelLoadError(f"{where} is empty (0 bytes)", hint="the export or copy did not finish")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as e:
+        raise ModelLoadError(
+            f"{where} is not an ONNX model: protobuf parse failed ({type(e).__name__})",
+            hint="the file may be truncated or another format; re-export it",
+        ) from e
+    if not proto.graph.node and not proto.graph.output and not proto.opset_import:
+        raise ModelLoadError(
+            f"{where} is not an ONNX model: it parses to an empty ModelProto",
+            hint="the file may be another format (e.g. a PyTorch checkpoint); export it to ONNX first",
+        )
+    try:
+        model = ir.serde.deserialize_model(proto)
+    except Exception as e:
+        raise ModelLoadError(f"{where} cannot be read into the IR: {e}") from e
+    ir.external_data.set_base_dir(model.graph, str(path.parent))
+    _check_external_data(model, where)
+    if check:
+        # Path-based check: works for models over 2 GB and does not load external data.
+        _check_graph(str(path), where)
+    del proto
+    return model
+
+
+def check_output_path(output: str | os.PathLike, inputs: list[str | os.PathLike]) -> Path:
+    """Check that ``output`` is writable and not one of ``inputs``; return it as a Path.
+
+    Raises:
+        OutputPathError: the output is an input, is a folder, or its folder is missing or read-only.
+    """
+    out = Path(os.fspath(output))
+    for src in inputs:
+        src_path = Path(os.fspath(src))
+        if out.resolve() == src_path.resolve() or (
+            out.exists() and src_path.exists() and os.path.samefile(out, src_path)
+        ):
+            raise OutputPathError(
+                f"output path {out} is the input model",
+                hint="write to a new file, e.g. model.small.onnx; the input is never overwritten",
+            )
+    if out.is_dir():
+        raise OutputPathError(f"output path {out} is a folder", hint="give a file name ending in .onnx")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputPathError(f"output folder {parent} does not exist", hint="create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputPathError(f"output folder {parent} is not writable", hint="choose a writable folder")
+    if out.exists() and not os.access(out, os.W_OK):
+        raise OutputPathError(f"output file {out} exists and is read-only")
+    return out
+
+
+def _weight_bytes(model: ir.Model) -> int:
+    return sum(t.nbytes for _, t in constant_tensors(model))
+
+
+def save_model(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None = None) -> Path:
+    """Save ``model`` to ``path`` atomically.
+
+    Args:
+        model: the model to save.
+        path: destination .onnx path.
+        external_data: True to write weights to ``<name>.data`` beside the model, False to embed
+            them, None (default) to decide by size (over ``EXTERNAL_DATA_THRESHOLD``) or keep them
+            external if the model came with external data.
+
+    Returns:
+        The destination path.
+
+    Raises:
+        OutputPathError: the destination cannot be written.
+    """
+    dest = Path(os.fspath(path))
+    parent = dest.parent if str(dest.parent) else Path(".")
+    if external_data is None:
+        has_external = any(
+            isinstance(t, ir.ExternalTensor) for _, t in constant_tensors(model)
+        )
+        external_data = has_external or _weight_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    data_name = dest.name + ".data"
+    try:
+        tmpdir = Path(tempfile.mkdtemp(prefix=".onnxshrink-", dir=parent))
+    except OSError as e:
+        raise OutputPathError(f"cannot write to {parent}: {e.strerror}") from e
+    try:
+        tmp_model = tmpdir / dest.name
+        try:
+            if external_data:
+                ir.save(model, tmp_model, external_data=data_name)
+            else:
+                ir.save(model, tmp_model)
+        except OSError as e:
+            raise OutputPathError(f"cannot write {dest}: {e.strerror}") from e
+        tmp_data = tmpdir / data_name
+        if tmp_data.exists():
+            os.replace(tmp_data, parent / data_name)
+        os.replace(tmp_model, dest)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return dest
+
+
+def iter_graphs(model: ir.Model) -> Iterator[ir.Graph]:
+    """Yield the main graph and every subgraph (If/Loop/Scan bodies), recursively."""
+    return iter(model.graphs())
+
+
+def iter_nodes(model: ir.Model) -> Iterator[ir.Node]:
+    """Yield every node of the main graph and of all subgraphs."""
+    for graph in iter_graphs(model):
+        yield from graph
+
+
+def constant_tensors(model: ir.Model) -> Iterator[tuple[str, ir.TensorProtocol]]:
+    """Yield (name, tensor) for every initializer and every Constant node's tensor, in all graphs.
+
+    Tensors are not read: only their shape and dtype are used by callers that count bytes.
+    """
+    for graph in iter_graphs(model):
+        for name, value in graph.initializers.items():
+            if value.const_value is not None:
+                yield name, value.const_value
+        for node in graph:
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+                attr = node.attributes.get("value")
+                if attr is not None and attr.type == ir.AttributeType.TENSOR:
+                    yield node.outputs[0].name or "", attr.as_tensor()
+
+
+@dataclasses.dataclass
+class ModelStats:
+    """Size figures of a model. ``file_bytes`` is None until the model is on disk."""
+
+    nodes: int
+    params: int
+    weight_bytes: int
+    macs: int | None
+    opset: int
+    op_counts: dict[str, int]
+    file_bytes: int | None = None
+
+    def to_dict(self) -> dict:
+        """Return the stats as a JSON-ready dict with stable keys."""
+        return dataclasses.asdict(self)
+
+
+def _dim_or_one(d: object) -> int:
+    return d if isinstance(d, int) and d > 0 else 1
+
+
+def _shape_dims(value: ir.Value | None) -> list[int] | None:
+    if value is None or value.shape is None:
+        return None
+    return [_dim_or_one(d) for d in value.shape]
+
+
+def _node_macs(node: ir.Node) -> int | None:
+    """Multiply-accumulates of one Conv/ConvTranspose/Gemm/MatMul node, unknown dims counted as 1."""
+    op = node.op_type
+    if node.domain not in ("", "ai.onnx"):
+        return None
+    if op in ("Conv", "ConvTranspose"):
+        w = _shape_dims(node.inputs[1])
+        out = _shape_dims(node.outputs[0])
+        if w is None or out is None or len(w) < 3:
+            return None
+        if op == "Conv":
+            # out: [N, M, *spatial_out]; w: [M, C/g, *k]
+            return int(np.prod(out) * np.prod(w[1:]))
+        x = _shape_dims(node.inputs[0])
+        if x is None:
+            return None
+        # every input element is multiplied by a [M/g, *k] slice of the kernel
+        return int(np.prod(x) * np.prod(w[1:]))
+    if op == "Gemm":
+        a = _shape_dims(node.inputs[0])
+        b = _shape_dims(node.inputs[1])
+        if a is None or b is None or len(a) != 2 or len(b) != 2:
+            return None
+        trans_a = node.attributes.get_int("transA", 0)
+        trans_b = node.attributes.get_int("transB", 0)
+        m, k = (a[1], a[0]) if trans_a else (a[0], a[1])
+        n = b[0] if trans_b else b[1]
+        return m * k * n
+    if op == "MatMul":
+        a = _shape_dims(node.inputs[0])
+        out = _shape_dims(node.outputs[0])
+        if a is None or out is None or not a:
+            return None
+        return int(np.prod(out) * a[-1])
+    return None
+
+
+def model_stats(model: ir.Model) -> ModelStats:
+    """Count nodes, parameters, weight bytes, op types and MACs of a model (weights are not read).
+
+    MACs are per sample: dynamic dimensions count as 1. They need value shapes; nodes whose shapes
+    are unknown are left out of the sum (and ``macs`` is None if none is known).
+    """
+    op_counts: collections.Counter[str] = collections.Counter()
+    macs_total = 0
+    macs_known = False
+    nodes = 0
+    for node in iter_nodes(model):
+        nodes += 1
+        key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
+        op_counts[key] += 1
+        m = _node_macs(node)
+        if m is not None:
+            macs_total += m
+            macs_known = True
+    params = 0
+    weight_bytes = 0
+    for _, tensor in constant_tensors(model):
+        params += int(np.prod(tensor.shape.numpy())) if tensor.shape is not None else 0
+        weight_bytes += tensor.nbytes
+    return ModelStats(
+        nodes=nodes,
+        params=params,
+        weight_bytes=weight_bytes,
+        macs=macs_total if macs_known else None,
+        opset=model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0)),
+        op_counts=dict(sorted(op_counts.items())),
+    )

@@ -1,0 +1,312 @@
+"""Validation: run the original and the optimized model in onnxruntime on the same inputs and compare.
+
+Sessions are created from file paths (safe past 2 GB). Metrics are accumulated over all samples, so memory
+does not grow with the data set. Per float output:
+
+* ``max_abs``, ``mean_abs`` — absolute error;
+* ``rel_l2`` = ‖cand − ref‖₂ / ‖ref‖₂ over all samples (the gated metric);
+* ``cosine`` = ⟨ref, cand⟩ / (‖ref‖‖cand‖);
+* ``snr_db`` = 10·log10(‖ref‖² / ‖cand − ref‖²);
+* ``top1`` — fraction of rows whose argmax over the last axis agrees, when the output looks like
+  scores (rank ≥ 2, last axis > 1).
+
+Integer and boolean outputs are compared exactly: ``mismatch`` is the fraction of differing elements and
+is gated instead of ``rel_l2``. NaN in the same place in both counts as equal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+from onnxshrink.calib import Dataset
+from onnxshrink.errors import UsageError
+
+__all__ = ["Tolerances", "OutputMetrics", "ValidationResult", "compare_models", "parse_tolerances", "make_session"]
+
+logger = logging.getLogger(__name__)
+
+MAX_BATCH = 32
+
+
+@dataclasses.dataclass
+class Tolerances:
+    """Allowed ``rel_l2`` (float outputs) or ``mismatch`` fraction (integer outputs), per output."""
+
+    default: float
+    per_output: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def for_output(self, name: str) -> float:
+        """The tolerance of one output."""
+        return self.per_output.get(name, self.default)
+
+
+def parse_tolerances(items: list[str] | None, default: float) -> Tolerances:
+    """Parse ``--tol`` items: ``1e-3`` sets the default, ``logits=1e-2`` one output.
+
+    Raises:
+        UsageError: malformed or negative value.
+    """
+    tol = Tolerances(default)
+    for item in items or []:
+        name, _, val = item.rpartition("=")
+        try:
+            value = float(val)
+        except ValueError:
+            raise UsageError(f"bad --tol {item!r}", hint="write 1e-3 or OUTPUT=1e-3") from None
+        if not math.isfinite(value) or value < 0:
+            raise UsageError(f"bad --tol {item!r}: must be a finite number >= 0")
+        if name:
+            tol.per_output[name] = value
+        else:
+            tol.default = value
+    return tol
+
+
+@dataclasses.dataclass
+class OutputMetrics:
+    """Comparison figures of one output over all samples."""
+
+    name: str
+    kind: str  # "float" or "exact"
+    tolerance: float
+    passed: bool
+    max_abs: float = 0.0
+    mean_abs: float = 0.0
+    rel_l2: float = 0.0
+    cosine: float = 1.0
+    snr_db: float | None = None
+    top1: float | None = None
+    mismatch: float = 0.0
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict (inf/nan turned into strings)."""
+        d = dataclasses.asdict(self)
+        for k, v in d.items():
+            if isinstance(v, float) and not math.isfinite(v):
+                d[k] = str(v)
+        return d
+
+
+@dataclasses.dataclass
+class ValidationResult:
+    """The verdict: ``passed``, ``failed`` or ``skipped`` (with the reason), and per-output metrics."""
+
+    status: str
+    reason: str = ""
+    samples: int = 0
+    source: str = ""
+    outputs: list[OutputMetrics] = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        """True unless the comparison ran and failed."""
+        return self.status != "failed"
+
+    def worst(self) -> OutputMetrics | None:
+        """The output furthest from its tolerance."""
+        if not self.outputs:
+            return None
+        return max(self.outputs, key=lambda o: (o.rel_l2 if o.kind == "float" else o.mismatch) / max(o.tolerance, 1e-30))
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict with stable keys."""
+        return {
+            "status": self.status,
+            "reason": self.reason,
+            "samples": self.samples,
+            "source": self.source,
+            "seconds": round(self.seconds, 4),
+            "notes": list(self.notes),
+            "outputs": [o.to_dict() for o in self.outputs],
+        }
+
+
+class _Acc:
+    """Running sums for one output."""
+
+    def __init__(self) -> None:
+        self.kind: str | None = None
+        self.ref_sq = self.diff_sq = self.cand_sq = self.dot = 0.0
+        self.abs_sum = 0.0
+        self.max_abs = 0.0
+        self.count = 0
+        self.mismatch = 0
+        self.top1_agree = 0
+        self.top1_rows = 0
+        self.nan_mismatch = 0
+
+    def add(self, ref: np.ndarray, cand: np.ndarray) -> None:
+        if self.kind is None:
+            self.kind = "float" if ref.dtype.kind in "fc" else "exact"
+        if self.kind == "exact":
+            self.mismatch += int(np.count_nonzero(ref != cand))
+            self.count += ref.size
+            return
+        r = ref.astype(np.float64)
+        c = cand.astype(np.float64)
+        both_nan = np.isnan(r) & np.isnan(c)
+        self.nan_mismatch += int(np.count_nonzero(np.isnan(r) ^ np.isnan(c)))
+        r = np.where(both_nan, 0.0, r)
+        c = np.where(both_nan, 0.0, c)
+        with np.errstate(invalid="ignore", over="ignore"):
+            d = c - r
+            finite = np.isfinite(d)
+            d_f = np.where(finite, d, 0.0)
+            r_f = np.where(np.isfinite(r), r, 0.0)
+            c_f = np.where(np.isfinite(c), c, 0.0)
+            self.nan_mismatch += int(np.count_nonzero(~finite & ~both_nan & (r != c)))
+        self.ref_sq += float(np.sum(r_f * r_f))
+        self.cand_sq += float(np.sum(c_f * c_f))
+        self.dot += float(np.sum(r_f * c_f))
+        self.diff_sq += float(np.sum(d_f * d_f))
+        a = np.abs(d_f)
+        self.abs_sum += float(a.sum())
+        self.max_abs = max(self.max_abs, float(a.max()) if a.size else 0.0)
+        self.count += r.size
+        if ref.ndim >= 2 and ref.shape[-1] > 1:
+            self.top1_agree += int(np.count_nonzero(np.argmax(ref, axis=-1) == np.argmax(cand, axis=-1)))
+            self.top1_rows += int(np.prod(ref.shape[:-1]))
+
+    def result(self, name: str, tol: float) -> OutputMetrics:
+        if self.kind == "exact":
+            frac = self.mismatch / max(self.count, 1)
+            return OutputMetrics(name, "exact", tol, frac <= tol, mismatch=frac,
+                                 max_abs=0.0 if not self.mismatch else math.nan)
+        if self.nan_mismatch:
+            return OutputMetrics(
+                name, "float", tol, False, max_abs=math.inf, mean_abs=math.inf, rel_l2=math.inf,
+                cosine=0.0, note=f"{self.nan_mismatch} elements are NaN/Inf in only one model",
+            )
+        ref_norm = math.sqrt(self.ref_sq)
+        diff_norm = math.sqrt(self.diff_sq)
+        if ref_norm > 0:
+            rel = diff_norm / ref_norm
+        else:
+            rel = 0.0 if diff_norm == 0 else math.inf
+        denom = math.sqrt(self.ref_sq) * math.sqrt(self.cand_sq)
+        cosine = self.dot / denom if denom > 0 else (1.0 if diff_norm == 0 else 0.0)
+        snr = None if self.diff_sq == 0 else (10 * math.log10(self.ref_sq / self.diff_sq) if self.ref_sq > 0 else -math.inf)
+        top1 = self.top1_agree / self.top1_rows if self.top1_rows else None
+        return OutputMetrics(
+            name, "float", tol, rel <= tol,
+            max_abs=self.max_abs, mean_abs=self.abs_sum / max(self.count, 1), rel_l2=rel,
+            cosine=cosine, snr_db=snr, top1=top1,
+        )
+
+
+def make_session(path: str | os.PathLike) -> Any:
+    """An onnxruntime CPU session created from a file path, with warnings silenced."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(os.fspath(path), so, providers=["CPUExecutionProvider"])
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
+
+
+def _batchable(session: Any) -> bool:
+    for inp in session.get_inputs():
+        shape = inp.shape
+        if not shape or isinstance(shape[0], int):
+            return False
+    return True
+
+
+def compare_models(
+    ref_path: str | os.PathLike,
+    cand_path: str | os.PathLike,
+    data: Dataset,
+    tolerances: Tolerances,
+    *,
+    ref_session: Any = None,
+    limit: int | None = None,
+    batch: bool = True,
+) -> ValidationResult:
+    """Run both models on ``data`` and compare every output of the reference.
+
+    Args:
+        ref_path: the original model (file).
+        cand_path: the optimized model (file).
+        data: the inputs.
+        tolerances: allowed error per output.
+        ref_session: a session of ``ref_path`` to reuse (optional).
+        limit: compare on at most this many samples.
+        batch: feed up to 32 samples at once when every input's axis 0 is dynamic.
+
+    Returns:
+        A :class:`ValidationResult`: ``skipped`` if onnxruntime cannot run the original (the reason says
+        why), ``failed`` if the optimized model does not load/run or any output is out of tolerance.
+    """
+    start = time.perf_counter()
+    try:
+        ref = ref_session or make_session(ref_path)
+    except Exception as e:
+        return ValidationResult("skipped", f"onnxruntime cannot load the original model: {_first_line(e)}",
+                                source=data.source, seconds=time.perf_counter() - start)
+    try:
+        cand = make_session(cand_path)
+    except Exception as e:
+        return ValidationResult("failed", f"onnxruntime cannot load the optimized model: {_first_line(e)}",
+                                source=data.source, seconds=time.perf_counter() - start)
+    out_names = [o.name for o in ref.get_outputs()]
+    cand_names = {o.name for o in cand.get_outputs()}
+    missing = [n for n in out_names if n not in cand_names]
+    if missing:
+        return ValidationResult("failed", f"optimized model lacks output(s) {', '.join(missing)}",
+                                source=data.source, seconds=time.perf_counter() - start)
+    accs = {n: _Acc() for n in out_names}
+    batchable = batch and _batchable(ref) and _batchable(cand)
+    samples = 0
+    for feed in data.batches(MAX_BATCH, batchable, limit):
+        try:
+            ref_out = ref.run(out_names, feed)
+        except Exception as e:
+            if batchable:
+                # Some models declare a dynamic batch axis but only run with batch 1: retry unbatched.
+                return compare_models(ref_path, cand_path, data, tolerances, ref_session=ref, limit=limit,
+                                      batch=False)
+            return ValidationResult("skipped", f"onnxruntime cannot run the original model: {_first_line(e)}",
+                                    source=data.source, seconds=time.perf_counter() - start)
+        try:
+            cand_out = cand.run(out_names, feed)
+        except Exception as e:
+            return ValidationResult("failed", f"onnxruntime cannot run the optimized model: {_first_line(e)}",
+                                    source=data.source, seconds=time.perf_counter() - start)
+        for name, r, c in zip(out_names, ref_out, cand_out):
+            r = np.asarray(r)
+            c = np.asarray(c)
+            if r.shape != c.shape:
+                return ValidationResult(
+                    "failed", f"output {name!r} has shape {list(c.shape)}, the original {list(r.shape)}",
+                    source=data.source, seconds=time.perf_counter() - start,
+                )
+            if r.dtype.kind == "O" or r.dtype.kind in "US":
+                accs[name].kind = "exact"
+            accs[name].add(r, c)
+        samples += len(next(iter(feed.values()))) if batchable and feed else 1
+    metrics = [accs[n].result(n, tolerances.for_output(n)) for n in out_names]
+    status = "passed" if all(m.passed for m in metrics) else "failed"
+    reason = ""
+    if status == "failed":
+        bad = [m for m in metrics if not m.passed]
+        reason = "; ".join(
+            f"output {m.name!r} " + (f"rel_l2 {m.rel_l2:.3g}" if m.kind == "float" else f"mismatch {m.mismatch:.3g}")
+            + f" > tolerance {m.tolerance:.3g}" for m in bad
+        )
+    return ValidationResult(status, reason, samples=samples, source=data.source, outputs=metrics,
+                            seconds=time.perf_counter() - start)
+

@@ -1,0 +1,607 @@
+"""fold: exact graph simplification — constant folding, no-op and dead-code removal, BatchNorm fusion.
+
+Every rewrite here is exact up to float rounding (validated at rel-L2 ≤ 1e-5):
+
+* **Constants to initializers.** ``Constant`` nodes (how Paddle/TF/old exporters store weights) become
+  initializers of their graph, so every later pass sees weights the same way.
+* **Constant folding** (through onnxscript's public folder, behind :func:`_fold_constants`): a node whose
+  inputs are all constant is evaluated and replaced by an initializer **only if the model does not grow**:
+  ``bytes(outputs) − bytes(inputs used only by this node) − bytes(the node itself) ≤ max_growth``
+  (default 0). Shape subgraphs (``Shape → Gather → Concat → Reshape``) fold where the dims they read are
+  static; dynamic axes stay dynamic. Never folded: QuantizeLinear, DequantizeLinear,
+  DynamicQuantizeLinear (their int8 weights are the point of quantization), random ops, custom-domain ops
+  (opaque; folding continues downstream of them).
+* **No-ops removed:** Identity; Dropout (inference, mask unused); Cast/CastLike to the same type;
+  Reshape/Flatten/Squeeze/Unsqueeze/Expand whose static output shape equals the input's; identity
+  Transpose; Slice covering whole axes; all-zero Pad; single-input Concat; single-output Split;
+  ``x+0``, ``x−0``, ``x·1``, ``x/1`` when the constant does not broadcast the output.
+* **BatchNorm fusion:** with ``s = γ/√(σ²+ε)``, a Conv/ConvTranspose/Gemm followed by an inference
+  BatchNormalization becomes one node with ``W' = W·s`` (along the output-channel axis) and
+  ``b' = (b − μ)·s + β``. Preconditions: constant weights and BN parameters, the producer's output used
+  only by the BN; new initializers are written, so weights shared elsewhere are never changed.
+* **Duplicate initializers** (same dtype, shape and bytes) are merged; **dead code** (nodes and
+  initializers nothing uses) is removed.
+
+All of it runs in the main graph and in every If/Loop/Scan body. Initializers that are also graph inputs
+(overridable defaults) are not treated as constants.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes import common as ir_common
+
+from onnxshrink.registry import ShrinkPass, option, register
+
+__all__ = ["FoldOptions", "FoldPass", "PROTECTED_OPS"]
+
+logger = logging.getLogger(__name__)
+
+#: Ops that folding and cleanup never evaluate away (the single list, used by every pass).
+PROTECTED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
+_RANDOM_OPS = frozenset(
+    {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
+)
+_ONNX_DOMAINS = ("", "ai.onnx")
+_FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+# Largest constant (elements) read to decide whether an Add/Mul is a no-op: keeps weights lazy.
+_SMALL_CONST = 4096
+
+
+@dataclasses.dataclass(frozen=True)
+class FoldOptions:
+    """Options of the fold pass."""
+
+    constants: bool = option(True, "evaluate nodes whose inputs are all constant (never grows the model)")
+    noops: bool = option(True, "remove no-op nodes (Identity, Dropout, same-shape Reshape, same-type Cast, ...)")
+    fuse_bn: bool = option(True, "fuse BatchNormalization into a preceding Conv/ConvTranspose/Gemm")
+    dedup: bool = option(True, "merge initializers with identical dtype, shape and contents")
+    max_growth: int = option(0, "bytes one folded node may add to the model (0: folding never grows it)")
+    rounds: int = option(4, "maximum rounds of fold → simplify until nothing changes")
+
+    def __post_init__(self) -> None:
+        if self.max_growth < 0:
+            raise ValueError("max_growth must be >= 0")
+        if self.rounds < 1:
+            raise ValueError("rounds must be >= 1")
+
+
+def _is_onnx(node: ir.Node, *ops: str) -> bool:
+    return node.domain in _ONNX_DOMAINS and (not ops or node.op_type in ops)
+
+
+def _const(value: ir.Value | None) -> ir.TensorProtocol | None:
+    """The constant tensor behind ``value``: a true initializer (not an overridable input) or None."""
+    if value is None or value.is_graph_input():
+        return None
+    return value.const_value
+
+
+def _small_array(value: ir.Value | None, limit: int = _SMALL_CONST) -> np.ndarray | None:
+    t = _const(value)
+    if t is None or t.size > limit:
+        return None
+    try:
+        return t.numpy()
+    except Exception:
+        return None
+
+
+def _static_shape(value: ir.Value | None) -> tuple[int, ...] | None:
+    if value is None or value.shape is None:
+        return None
+    dims = tuple(value.shape)
+    if all(isinstance(d, int) for d in dims):
+        return dims  # type: ignore[return-value]
+    return None
+
+
+def _same_shape(a: ir.Value | None, b: ir.Value | None) -> bool:
+    """True if both shapes are known and equal, dim by dim (symbolic dims compared by name)."""
+    if a is None or b is None or a.shape is None or b.shape is None:
+        return False
+    da, db = list(a.shape), list(b.shape)
+    if len(da) != len(db):
+        return False
+    for x, y in zip(da, db):
+        if isinstance(x, int) and isinstance(y, int):
+            if x != y:
+                return False
+        elif isinstance(x, int) or isinstance(y, int):
+            return False
+        elif x.value is None or x.value != y.value:
+            return False
+    return True
+
+
+def _tensor_nbytes(value: ir.Value) -> int | None:
+    shape = _static_shape(value)
+    if shape is None or value.dtype is None:
+        return None
+    return int(np.prod(shape, dtype=np.int64) * value.dtype.itemsize)
+
+
+def _node_bytes(node: ir.Node) -> int:
+    """A lower estimate of the bytes a NodeProto takes in the file (names and op type)."""
+    n = len(node.op_type) + len(node.name or "") + 4
+    for v in list(node.inputs) + list(node.outputs):
+        n += 2 + (len(v.name) if v is not None and v.name else 0)
+    return n
+
+
+def _new_initializer(graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.DataType | None = None) -> ir.Value:
+    tensor = ir.tensor(array, dtype=dtype, name=name)
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
+    graph.register_initializer(value)
+    return value
+
+
+def _unique(graph: ir.Graph, base: str) -> str:
+    name, i = base, 1
+    while name in graph.initializers:
+        name = f"{base}_{i}"
+        i += 1
+    return name
+
+
+@register("fold", FoldOptions, summary="constant folding, no-op and dead-code removal, BatchNorm fusion (exact)")
+class FoldPass(ShrinkPass):
+    """Exact simplification of the graph; see the module docstring for the math and preconditions."""
+
+    tolerance = 1e-5
+
+    def run(self, model: ir.Model) -> bool:
+        o: FoldOptions = self.options
+        self._declined_seen: set[tuple[int, str]] = set()
+        modified = self._lift_constants(model)
+        self._infer_shapes(model)
+        for round_no in range(o.rounds):
+            changed = False
+            if o.constants:
+                changed |= self._fold_constants(model)
+            if o.noops:
+                changed |= self._remove_noops(model)
+            if o.fuse_bn:
+                changed |= self._fuse_batchnorm(model)
+            changed |= self._remove_dead(model)
+            if o.dedup:
+                changed |= self._dedup_initializers(model)
+            modified |= changed
+            if not changed:
+                break
+            logger.debug("fold round %d changed the graph", round_no + 1)
+        if modified:
+            ir_common.NameFixPass()(model)
+        return modified
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _decline_once(self, node: ir.Node, reason: str) -> None:
+        key = (id(node), reason)
+        if key not in self._declined_seen:
+            self._declined_seen.add(key)
+            self.decline(reason, node)
+
+    def _infer_shapes(self, model: ir.Model) -> None:
+        try:
+            ir_common.ShapeInferencePass(strict_mode=False)(model)
+        except Exception as e:  # custom ops or odd models: fold still works, with fewer shapes known
+            self.decline(f"shape inference failed ({type(e).__name__}); shape-based rewrites limited")
+
+    def _bypass(self, graph: ir.Graph, node: ir.Node, src: ir.Value, out: ir.Value) -> bool:
+        """Replace ``out`` (an output of ``node``) by ``src`` and remove ``node``. Keeps graph output names."""
+        rename = None
+        if out.is_graph_output():
+            producer = src.producer()
+            if (
+                src.is_graph_input()
+                or src.is_graph_output()
+                or src.is_initializer()
+                or producer is None
+                or producer.graph is not graph
+            ):
+                self._decline_once(node, f"{node.op_type} feeds a graph output directly from an input or outer scope")
+                return False
+            rename = out.name
+            declared_type, declared_shape = out.type, out.shape
+        out.replace_all_uses_with(src, replace_graph_outputs=True)
+        graph.remove(node, safe=True)
+        if rename is not None:
+            src.name = rename
+            if declared_type is not None:
+                src.type = declared_type
+            if declared_shape is not None:
+                src.shape = declared_shape
+        return True
+
+    # -- Constant nodes → initializers -----------------------------------------------------------
+
+    def _lift_constants(self, model: ir.Model) -> bool:
+        changed = False
+        for graph in model.graphs():
+            for node in graph:
+                if not _is_onnx(node, "Constant"):
+                    continue
+                out = node.outputs[0]
+                if out.is_graph_output():
+                    continue
+                tensor = _constant_node_tensor(node)
+                if tensor is None:
+                    self._decline_once(node, "Constant with a sparse or string value kept as a node")
+                    continue
+                name = out.name or "const"
+                value = ir.Value(name=None, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype),
+                                 const_value=tensor)
+                out.replace_all_uses_with(value)
+                graph.remove(node, safe=True)
+                value.name = _unique(graph, name)
+                tensor.name = value.name
+                graph.register_initializer(value)
+                self.count("constants_lifted")
+                changed = True
+        return changed
+
+    # -- constant folding (adapter over onnxscript's public folder) ------------------------------
+
+    def _should_fold(self, node: ir.Node) -> bool:
+        if node.domain not in _ONNX_DOMAINS:
+            self._decline_once(node, "custom-domain op is opaque")
+            return False
+        if node.op_type in PROTECTED_OPS:
+            self._decline_once(node, "quantization op kept")
+            return False
+        if node.op_type in _RANDOM_OPS:
+            self._decline_once(node, "random op is not constant")
+            return False
+        out_bytes = 0
+        for out in node.outputs:
+            nb = _tensor_nbytes(out)
+            if nb is None:
+                in_elems = sum(t.size for t in (_const(v) for v in node.inputs) if t is not None)
+                if in_elems <= 64:
+                    return True
+                self._decline_once(node, "output size unknown: not folded (could grow the model)")
+                return False
+            out_bytes += nb
+        freed = 0
+        seen: set[int] = set()
+        for v in node.inputs:
+            if v is None or id(v) in seen:
+                continue
+            seen.add(id(v))
+            t = _const(v)
+            if t is not None and not v.is_graph_output() and all(u.node is node for u in v.uses()):
+                freed += t.nbytes
+        growth = out_bytes - freed - _node_bytes(node)
+        if growth > self.options.max_growth:
+            self._decline_once(node, "folding would grow the model")
+            return False
+        return True
+
+    def _fold_constants(self, model: ir.Model) -> bool:
+        from onnxscript.optimizer import constant_folding
+
+        before = sum(1 for _ in model.graph.all_nodes())
+        folder = constant_folding.FoldConstantsPass(
+            shape_inference=True,
+            input_size_limit=1 << 62,
+            output_size_limit=1 << 62,
+            should_fold=self._should_fold,
+        )
+        try:
+            result = folder(model)
+        except Exception as e:
+            self.decline(f"constant folder error ({type(e).__name__}); folding stopped for this round")
+            logger.debug("constant folder failed", exc_info=True)
+            return False
+        after = sum(1 for _ in model.graph.all_nodes())
+        if after < before:
+            self.count("nodes_folded", before - after)
+        return bool(result.modified)
+
+    # -- no-op removal ---------------------------------------------------------------------------
+
+    def _remove_noops(self, model: ir.Model) -> bool:
+        changed = False
+        for graph in model.graphs():
+            for node in graph:
+                if not _is_onnx(node):
+                    continue
+                src = self._noop_source(node)
+                if src is None:
+                    continue
+                if self._bypass(graph, node, src, node.outputs[0]):
+                    self.count(f"noop_removed.{node.op_type}")
+                    changed = True
+        return changed
+
+    def _noop_source(self, node: ir.Node) -> ir.Value | None:
+        """The input that ``node`` passes through unchanged, or None if it is not a no-op."""
+        op = node.op_type
+        ins = node.inputs
+        if not ins or ins[0] is None:
+            return None
+        x = ins[0]
+        out = node.outputs[0]
+        # Extra outputs (Dropout mask, Split parts) must be unused.
+        if op != "Split" and any(o.uses() or o.is_graph_output() for o in node.outputs[1:]):
+            return None
+        if op == "Identity":
+            return x
+        if op == "Dropout":
+            if len(ins) >= 3 and ins[2] is not None:
+                mode = _small_array(ins[2])
+                if mode is None or bool(mode):
+                    return None
+            return x
+        if op == "Cast":
+            to = node.attributes.get_int("to", -1)
+            return x if x.dtype is not None and int(x.dtype) == to else None
+        if op == "CastLike":
+            return x if len(ins) > 1 and ins[1] is not None and x.dtype is not None and x.dtype == ins[1].dtype else None
+        if op in ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Expand"):
+            if x.dtype == out.dtype and _static_shape(x) is not None and _static_shape(x) == _static_shape(out):
+                return x
+            if op == "Reshape" and len(ins) > 1:
+                target = _small_array(ins[1], 64)
+                xs = _static_shape(x)
+                if target is not None and xs is not None and tuple(int(t) for t in target) == xs and 0 not in xs:
+                    return x
+            return None
+        if op == "Transpose":
+            perm = node.attributes.get_ints("perm", None)
+            rank = len(x.shape) if x.shape is not None else None
+            if perm is None:
+                return x if rank is not None and rank <= 1 else None
+            return x if list(perm) == list(range(len(perm))) else None
+        if op == "Slice":
+            return x if self._slice_is_noop(node) else None
+        if op == "Pad":
+            if len(ins) > 1:
+                pads = _small_array(ins[1], 64)
+                return x if pads is not None and not np.any(pads) else None
+            pads = node.attributes.get_ints("pads", None)
+            return x if pads is not None and not any(pads) else None
+        if op == "Concat":
+            return x if len([i for i in ins if i is not None]) == 1 else None
+        if op == "Split":
+            return x if len(node.outputs) == 1 else None
+        if op in ("Add", "Sub", "Mul", "Div") and len(ins) == 2:
+            neutral = 0.0 if op in ("Add", "Sub") else 1.0
+            candidates = [(ins[0], ins[1])]
+            if op in ("Add", "Mul"):
+                candidates.append((ins[1], ins[0]))
+            for keep, const in candidates:
+                if keep is None or const is None:
+                    continue
+                arr = _small_array(const)
+                if arr is None or arr.dtype.kind not in "fiu":
+                    continue
+                if np.all(arr == neutral) and keep.dtype == out.dtype and _same_shape(keep, out):
+                    return keep
+            return None
+        return None
+
+    def _slice_is_noop(self, node: ir.Node) -> bool:
+        ins = node.inputs
+        shape = _static_shape(ins[0])
+        if shape is None or len(ins) < 3:
+            return False
+        arrays = [_small_array(v, 64) if v is not None else None for v in ins[1:5]]
+        starts, ends = arrays[0], arrays[1]
+        if starts is None or ends is None:
+            return False
+        axes = arrays[2] if len(arrays) > 2 and arrays[2] is not None else np.arange(len(starts))
+        steps = arrays[3] if len(arrays) > 3 and arrays[3] is not None else np.ones(len(starts), dtype=np.int64)
+        if (len(ins) > 3 and ins[3] is not None and arrays[2] is None) or (len(ins) > 4 and ins[4] is not None and arrays[3] is None):
+            return False
+        for s, e, a, st in zip(starts, ends, axes, steps):
+            a = int(a) + (len(shape) if a < 0 else 0)
+            if not 0 <= a < len(shape) or int(st) != 1:
+                return False
+            dim = shape[a]
+            s = int(s) + (dim if s < 0 else 0)
+            e = int(e) + (dim if e < 0 else 0)
+            if max(s, 0) != 0 or min(e, dim) != dim:
+                return False
+        return True
+
+    # -- BatchNorm fusion ------------------------------------------------------------------------
+
+    def _fuse_batchnorm(self, model: ir.Model) -> bool:
+        changed = False
+        for graph in model.graphs():
+            for bn in graph:
+                if not _is_onnx(bn, "BatchNormalization"):
+                    continue
+                reason = self._try_fuse_bn(graph, bn)
+                if reason is None:
+                    self.count("batchnorm_fused")
+                    changed = True
+                elif reason:
+                    self._decline_once(bn, f"batchnorm: {reason}")
+        return changed
+
+    def _try_fuse_bn(self, graph: ir.Graph, bn: ir.Node) -> str | None:
+        """Fuse ``bn`` into its producer; return None on success, else the reason ('' = no candidate)."""
+        x = bn.inputs[0]
+        prod = x.producer() if x is not None else None
+        if prod is None or not _is_onnx(prod, "Conv", "ConvTranspose", "Gemm") or prod.graph is not graph:
+            return "not after a Conv/ConvTranspose/Gemm"
+        if bn.attributes.get_int("training_mode", 0):
+            return "training mode"
+        if any(o.uses() or o.is_graph_output() for o in bn.outputs[1:]):
+            return "running statistics outputs are used"
+        if len(x.uses()) != 1 or x.is_graph_output():
+            return f"{prod.op_type} output has other consumers"
+        if len(bn.inputs) < 5:
+            return "missing parameters"
+        params = [_const(v) for v in bn.inputs[1:5]]
+        if any(p is None for p in params):
+            return "parameters are not constant"
+        w_val = prod.inputs[1]
+        w = _const(w_val)
+        if w is None:
+            return f"{prod.op_type} weight is not constant"
+        if w.dtype not in _FLOAT_TYPES:
+            return f"weight dtype {w.dtype} is not float"
+        bias_val = prod.inputs[2] if len(prod.inputs) > 2 else None
+        b = _const(bias_val) if bias_val is not None else None
+        if bias_val is not None and b is None:
+            return "bias is not constant"
+        if not all(v.is_graph_output() is False for v in [prod.outputs[0]]):
+            return "producer output is a graph output"
+        gamma, beta, mean, var = (np.asarray(p.numpy(), dtype=np.float64).reshape(-1) for p in params)
+        eps = bn.attributes.get_float("epsilon", 1e-5)
+        s = gamma / np.sqrt(var + eps)
+        W = np.asarray(w.numpy(), dtype=np.float64)
+        op = prod.op_type
+        if op == "Conv":
+            if W.ndim < 3:
+                return "unexpected Conv weight rank"
+            c_out = W.shape[0]
+            if s.size != c_out:
+                return "channel count mismatch"
+            W2 = W * s.reshape(-1, *([1] * (W.ndim - 1)))
+        elif op == "ConvTranspose":
+            g = prod.attributes.get_int("group", 1)
+            if W.ndim < 3 or W.shape[0] % g:
+                return "unexpected ConvTranspose weight shape"
+            c_out = W.shape[1] * g
+            if s.size != c_out:
+                return "channel count mismatch"
+            k = W.shape[2:]
+            Wg = W.reshape(g, W.shape[0] // g, W.shape[1], *k)
+            W2 = (Wg * s.reshape(g, 1, W.shape[1], *([1] * len(k)))).reshape(W.shape)
+        else:  # Gemm
+            if W.ndim != 2:
+                return "Gemm weight is not 2-D"
+            if prod.attributes.get_int("transA", 0) not in (0, 1):
+                return "bad transA"
+            trans_b = prod.attributes.get_int("transB", 0)
+            c_out = W.shape[0] if trans_b else W.shape[1]
+            if s.size != c_out:
+                return "channel count mismatch"
+            W2 = W * (s[:, None] if trans_b else s[None, :])
+        if b is not None:
+            b_arr = np.asarray(b.numpy(), dtype=np.float64)
+            if op == "Gemm":
+                beta_attr = prod.attributes.get_float("beta", 1.0)
+                if b_arr.size == 1:
+                    b_arr = np.full(c_out, b_arr.reshape(-1)[0])
+                elif b_arr.shape in ((c_out,), (1, c_out)):
+                    b_arr = b_arr.reshape(-1)
+                else:
+                    return "Gemm bias is not per output channel"
+                b_arr = b_arr * beta_attr
+            elif b_arr.size != c_out:
+                return "bias size mismatch"
+            b_arr = b_arr.reshape(-1)
+        else:
+            b_arr = np.zeros(c_out)
+        b2 = (b_arr - mean) * s + beta
+        np_dtype = w.dtype.numpy()
+        new_w = _new_initializer(graph, _unique(graph, f"{w_val.name}_bn"), W2.astype(np_dtype), w.dtype)
+        bias_dtype = b.dtype if b is not None else w.dtype
+        base = bias_val.name if bias_val is not None and bias_val.name else f"{w_val.name}_bias"
+        new_b = _new_initializer(graph, _unique(graph, f"{base}_bn"), b2.astype(bias_dtype.numpy()), bias_dtype)
+        prod.replace_input_with(1, new_w)
+        if len(prod.inputs) < 3:
+            prod.resize_inputs(3)
+        prod.replace_input_with(2, new_b)
+        if op == "Gemm":
+            prod.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
+        if not self._bypass(graph, bn, prod.outputs[0], bn.outputs[0]):
+            return "output naming prevents the fusion"
+        return None
+
+    # -- dead code and duplicates ----------------------------------------------------------------
+
+    def _remove_dead(self, model: ir.Model) -> bool:
+        before_nodes = sum(1 for _ in model.graph.all_nodes())
+        result = ir_common.RemoveUnusedNodesPass()(model)
+        removed_inits = 0
+        for graph in model.graphs():
+            if graph is model.graph:
+                continue
+            for name, value in list(graph.initializers.items()):
+                if not value.uses() and not value.is_graph_output():
+                    del graph.initializers[name]
+                    removed_inits += 1
+        after_nodes = sum(1 for _ in model.graph.all_nodes())
+        if before_nodes > after_nodes:
+            self.count("dead_nodes_removed", before_nodes - after_nodes)
+        return bool(result.modified) or removed_inits > 0
+
+    def _dedup_initializers(self, model: ir.Model) -> bool:
+        changed = False
+        for graph in model.graphs():
+            groups: dict[tuple, list[ir.Value]] = {}
+            for value in graph.initializers.values():
+                t = value.const_value
+                if t is None or value.is_graph_input() or value.is_graph_output():
+                    continue
+                groups.setdefault((t.dtype, tuple(t.shape)), []).append(value)
+            for values in groups.values():
+                if len(values) < 2:
+                    continue
+                by_digest: dict[bytes, ir.Value] = {}
+                for value in values:
+                    try:
+                        digest = hashlib.sha256(value.const_value.tobytes()).digest()
+                    except Exception:
+                        continue
+                    keep = by_digest.get(digest)
+                    if keep is None:
+                        by_digest[digest] = value
+                        continue
+                    value.replace_all_uses_with(keep)
+                    del graph.initializers[value.name]
+                    self.count("initializers_merged")
+                    changed = True
+        return changed
+
+    @classmethod
+    def applicability(cls, model: ir.Model) -> str:
+        consts = bn = noop = 0
+        for graph in model.graphs():
+            for node in graph:
+                if not _is_onnx(node):
+                    continue
+                if node.op_type == "Constant":
+                    consts += 1
+                elif node.op_type == "BatchNormalization":
+                    p = node.inputs[0].producer() if node.inputs[0] is not None else None
+                    if p is not None and _is_onnx(p, "Conv", "ConvTranspose", "Gemm"):
+                        bn += 1
+                elif node.op_type in ("Identity", "Dropout"):
+                    noop += 1
+        parts = []
+        if consts:
+            parts.append(f"{consts} Constant node(s) to lift")
+        if bn:
+            parts.append(f"{bn} BatchNorm(s) after Conv/Gemm to fuse")
+        if noop:
+            parts.append(f"{noop} Identity/Dropout to remove")
+        return ", ".join(parts) if parts else "constant folding and dead-code checks only"
+
+
+def _constant_node_tensor(node: ir.Node) -> Any:
+    """The tensor of a Constant node (any of its value_* forms), or None for sparse/string values."""
+    attrs = node.attributes
+    if "value" in attrs:
+        t = attrs["value"].as_tensor()
+        return None if t.dtype == ir.DataType.STRING else t
+    for key, dtype in (("value_float", np.float32), ("value_int", np.int64)):
+        if key in attrs:
+            return ir.tensor(np.array(attrs[key].value, dtype=dtype))
+    for key, dtype in (("value_floats", np.float32), ("value_ints", np.int64)):
+        if key in attrs:
+            return ir.tensor(np.array(list(attrs[key].value), dtype=dtype))
+    return None
