@@ -36,7 +36,15 @@ from onnxshrink.errors import (
     UsageError,
     ValidationFailedError,
 )
-from onnxshrink.model import ModelSource, check_output_path, load_model, model_stats, save_model
+from onnxshrink.model import (
+    ModelSource,
+    check_output_path,
+    load_model,
+    model_stats,
+    save_model,
+    snapshot_annotations,
+    strip_added_annotations,
+)
 from onnxshrink.pipeline import DEFAULT_PIPELINE, Step, format_pipeline, parse, run_pipeline
 from onnxshrink.registry import PassContext
 from onnxshrink.report import Report
@@ -147,6 +155,8 @@ def _as_dataset(data: Any, model: ir.Model) -> Dataset | None:
     if isinstance(data, dict):
         from onnxshrink.calib import _fit_chunk
 
+        if not data:
+            raise DataError("the data dict holds no arrays", hint="give one array per model input")
         chunk = _fit_chunk(specs, {k: np.asarray(v) for k, v in data.items()}, "data")
         return Dataset([lambda: chunk], len(next(iter(chunk.values()))), "data")
     return load_data(data, specs)
@@ -215,6 +225,7 @@ def optimize(
         if (validate or validate_each) and ref_path is None:
             ref_path = os.path.join(workdir, "original.onnx")
             save_model(m, ref_path)
+        declared = snapshot_annotations(m)
         try:
             ir.passes.common.ShapeInferencePass(strict_mode=False)(m)
         except Exception:
@@ -242,13 +253,14 @@ def optimize(
                 )
 
         records = run_pipeline(m, steps, context, after_each=after_each if validate_each else None)
+        after = model_stats(m)
+        strip_added_annotations(m, declared)
         save_model(m, artifact)
         validation: ValidationResult | None = None
         if validate:
             validation = compare_models(ref_path, artifact, val_data, tol)
             validation.notes = notes + validation.notes
             notes = []
-        after = model_stats(m)
         after.file_bytes = _file_bytes(artifact)
         report = Report(
             input=input_path or "<in-memory model>",

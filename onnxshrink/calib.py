@@ -3,7 +3,7 @@
 ``--data`` is an ``.npz`` with one array per input name, or a folder of ``.npz`` files (each one chunk of
 samples) or ``.npy`` files (named after the inputs, or any names for a one-input model). An array with one
 more axis than its input is a stack of samples (``[N, *input_shape]``); one with the input's own rank is
-split along the batch axis into samples of batch 1. Names, ranks, static dims and dtypes are checked
+split along the batch axis into samples of batch 1 when that axis is dynamic, else taken as one sample. Names, ranks, static dims and dtypes are checked
 against the graph; NaN/Inf are refused.
 
 A :class:`Dataset` reads its files one chunk at a time, so memory does not grow with the number of files.
@@ -134,8 +134,10 @@ def _fit_array(spec: InputSpec, arr: np.ndarray, origin: str) -> np.ndarray:
         stacked = arr[None]
     elif arr.ndim == rank + 1:
         stacked = arr
-    elif arr.ndim == rank and rank >= 1:
-        stacked = arr[:, None]
+    elif arr.ndim == rank and rank >= 1 and spec.shape is not None and spec.shape[0] is None:
+        stacked = arr[:, None]  # a batch along a dynamic axis 0: split into samples of batch 1
+    elif arr.ndim == rank:
+        stacked = arr[None]  # one complete feed
     else:
         raise DataError(
             f"{origin}: array for input {spec.name!r} has {arr.ndim} axes {list(arr.shape)}, "
@@ -304,7 +306,7 @@ def synthetic_data(
 ) -> tuple[Dataset, list[str]]:
     """Deterministic synthetic inputs from the declared types and shapes (seeded per input name).
 
-    Floats are standard normal, integers in [0, 4), booleans fair coins.
+    Floats are standard normal, integers in [0, 4), booleans fair coins, strings short words.
 
     Returns:
         The dataset and notes about assumed dims.
@@ -334,6 +336,9 @@ def synthetic_data(
             arr = rng.integers(0, 4, size=full).astype(spec.dtype)
         elif kind == "b":
             arr = rng.integers(0, 2, size=full).astype(bool)
+        elif kind in "OUS":
+            words = np.array(["onnx", "shrink", "Monday", "the", "a", "model"], dtype=object)
+            arr = words[rng.integers(0, len(words), size=full)]
         else:
             raise DataError(
                 f"cannot make synthetic data for input {spec.name!r} of type {spec.dtype}",

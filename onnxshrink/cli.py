@@ -39,6 +39,9 @@ def _setup_logging(debug: bool, quiet: bool) -> None:
     level = logging.DEBUG if debug else (logging.ERROR if quiet else logging.WARNING)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger().setLevel(level)
+    # Libraries we build on log recoverable failures (with tracebacks) at WARNING: not the user's concern.
+    for name in ("onnx_ir", "onnxscript"):
+        logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.ERROR)
 
 
 def _default_output(model: Path) -> Path:

@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Any, Iterator, Union
 
 import numpy as np
 import onnx
@@ -34,6 +34,9 @@ __all__ = [
     "iter_nodes",
     "constant_tensors",
     "EXTERNAL_DATA_THRESHOLD",
+    "Annotations",
+    "snapshot_annotations",
+    "strip_added_annotations",
 ]
 
 logger = logging.getLogger(__name__)
@@ -218,7 +221,13 @@ def save_model(model: ir.Model, path: str | os.PathLike, *, external_data: bool 
             if external_data:
                 ir.save(model, tmp_model, external_data=data_name)
             else:
-                ir.save(model, tmp_model)
+                proto = ir.to_proto(model)
+                for opset in proto.opset_import:
+                    if opset.domain == "":
+                        opset.ClearField("domain")  # the default domain is implied; keep files minimal
+                _drop_initializer_value_info(proto.graph)
+                tmp_model.write_bytes(proto.SerializeToString())
+                del proto
         except OSError as e:
             raise OutputPathError(f"cannot write {dest}: {e.strerror}") from e
         tmp_data = tmpdir / data_name
@@ -228,6 +237,22 @@ def save_model(model: ir.Model, path: str | os.PathLike, *, external_data: bool 
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     return dest
+
+
+def _drop_initializer_value_info(graph: onnx.GraphProto) -> None:
+    """Remove value_info entries that only repeat an initializer's own dtype and dims."""
+    inits = {t.name for t in graph.initializer}
+    keep = [vi for vi in graph.value_info if vi.name not in inits]
+    if len(keep) != len(graph.value_info):
+        del graph.value_info[:]
+        graph.value_info.extend(keep)
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                _drop_initializer_value_info(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    _drop_initializer_value_info(g)
 
 
 def iter_graphs(model: ir.Model) -> Iterator[ir.Graph]:
@@ -255,6 +280,55 @@ def constant_tensors(model: ir.Model) -> Iterator[tuple[str, ir.TensorProtocol]]
                 attr = node.attributes.get("value")
                 if attr is not None and attr.type == ir.AttributeType.TENSOR:
                     yield node.outputs[0].name or "", attr.as_tensor()
+
+
+@dataclasses.dataclass
+class Annotations:
+    """What the input file declared, by name: typed intermediate values, unnamed nodes, output shapes."""
+
+    typed_values: set[str]
+    unnamed_nodes: set[str]
+    outputs: dict[str, tuple[Any, Any]]
+
+
+def snapshot_annotations(model: ir.Model) -> Annotations:
+    """Record the input's value annotations and unnamed nodes (see :func:`strip_added_annotations`).
+
+    Names, not object identities, are recorded: passes may rebuild graphs.
+    """
+    typed: set[str] = set()
+    unnamed: set[str] = set()
+    for node in iter_nodes(model):
+        if not node.name and node.outputs and node.outputs[0].name:
+            unnamed.add(node.outputs[0].name)
+        for v in node.outputs:
+            if v.name and (v.type is not None or v.shape is not None):
+                typed.add(v.name)
+    outputs = {v.name: (v.type, v.shape) for v in model.graph.outputs if v.name}
+    return Annotations(typed, unnamed, outputs)
+
+
+def strip_added_annotations(model: ir.Model, before: Annotations) -> None:
+    """Drop what analysis added and the file did not have, so saving never grows the model for nothing.
+
+    Shape inference annotates every value (about 20% of a CNN's file as value_info) and fills in output
+    shapes; name fixing names every node. Runtimes infer the one and do not need the other. What the
+    input declared is kept (output types and shapes exactly as declared), and so are the names of nodes
+    the passes created.
+    """
+    for node in iter_nodes(model):
+        if node.outputs and node.outputs[0].name in before.unnamed_nodes:
+            node.name = None
+        for v in node.outputs:
+            if v.name not in before.typed_values and not v.is_graph_output():
+                v.type = None
+                v.shape = None
+    for v in model.graph.outputs:
+        if v.name in before.outputs:
+            tp, shape = before.outputs[v.name]
+            if tp is not None:
+                v.type = tp
+            v.shape = shape
 
 
 @dataclasses.dataclass

@@ -208,6 +208,7 @@ def make_session(path: str | os.PathLike) -> Any:
     """An onnxruntime CPU session created from a file path, with warnings silenced."""
     import onnxruntime as ort
 
+    ort.set_default_logger_severity(3)
     so = ort.SessionOptions()
     so.log_severity_level = 3
     return ort.InferenceSession(os.fspath(path), so, providers=["CPUExecutionProvider"])

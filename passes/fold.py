@@ -50,6 +50,8 @@ _RANDOM_OPS = frozenset(
 )
 _ONNX_DOMAINS = ("", "ai.onnx")
 _FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+# Below this many weight bytes, fold measures the serialized size before and after and never grows it.
+_EXACT_SIZE_GUARD_BYTES = 64 << 20
 # Largest constant (elements) read to decide whether an Add/Mul is a no-op: keeps weights lazy.
 _SMALL_CONST = 4096
 
@@ -159,11 +161,30 @@ class FoldPass(ShrinkPass):
     def run(self, model: ir.Model) -> bool:
         o: FoldOptions = self.options
         self._declined_seen: set[tuple[int, str]] = set()
+        guard = _weight_bytes(model) <= _EXACT_SIZE_GUARD_BYTES
+        snapshot = model.clone() if guard and o.constants else None
+        size_before = _size_estimate(model) if guard else 0
+        modified = self._rounds(model, fold_constants=o.constants)
+        if snapshot is not None and modified and _size_estimate(model) > size_before:
+            # Folding traded nodes for bytes somewhere (e.g. a shape computed into a constant that
+            # is bigger than the nodes it replaced): redo without the constant folder, which is
+            # the only step that can grow the model.
+            _restore(model, snapshot)
+            self.decline("constant folding would grow the model: redone without it")
+            self.counters.clear()
+            modified = self._rounds(model, fold_constants=False)
+        if modified:
+            ir_common.NameFixPass()(model)
+        return modified
+
+    def _rounds(self, model: ir.Model, fold_constants: bool) -> bool:
+        o: FoldOptions = self.options
+        declared = [(g, [(v.type, v.shape) for v in g.outputs]) for g in model.graphs()]
         modified = self._lift_constants(model)
         self._infer_shapes(model)
         for round_no in range(o.rounds):
             changed = False
-            if o.constants:
+            if fold_constants:
                 changed |= self._fold_constants(model)
             if o.noops:
                 changed |= self._remove_noops(model)
@@ -176,8 +197,13 @@ class FoldPass(ShrinkPass):
             if not changed:
                 break
             logger.debug("fold round %d changed the graph", round_no + 1)
-        if modified:
-            ir_common.NameFixPass()(model)
+        # Inference on opaque ops may drop the declared type of an output: the declaration stands.
+        for graph, types in declared:
+            for value, (tp, shape) in zip(graph.outputs, types):
+                if value.type is None and tp is not None:
+                    value.type = tp
+                if value.shape is None and shape is not None:
+                    value.shape = shape
         return modified
 
     # -- helpers ---------------------------------------------------------------------------------
@@ -224,6 +250,11 @@ class FoldPass(ShrinkPass):
 
     def _lift_constants(self, model: ir.Model) -> bool:
         changed = False
+        if model.ir_version is not None and model.ir_version < 4:
+            # IR < 4 requires every initializer to be listed as a graph input (an overridable one).
+            if any(_is_onnx(n, "Constant") for n in model.graph.all_nodes()):
+                self.decline("Constant nodes kept: IR version < 4 would make initializers graph inputs")
+            return False
         for graph in model.graphs():
             for node in graph:
                 if not _is_onnx(node, "Constant"):
@@ -288,6 +319,11 @@ class FoldPass(ShrinkPass):
         from onnxscript.optimizer import constant_folding
 
         before = sum(1 for _ in model.graph.all_nodes())
+        opset = model.opset_imports.get("", 0)
+        # onnxscript's folder may emit opset-13 forms (Split/Squeeze/Unsqueeze with axes as inputs)
+        # when it rewrites sequence ops; at older opsets keep a snapshot to roll back to.
+        snapshot = model.clone() if opset < 13 else None
+        old_nodes = {id(n) for n in model.graph.all_nodes()}
         folder = constant_folding.FoldConstantsPass(
             shape_inference=True,
             input_size_limit=1 << 62,
@@ -299,6 +335,14 @@ class FoldPass(ShrinkPass):
         except Exception as e:
             self.decline(f"constant folder error ({type(e).__name__}); folding stopped for this round")
             logger.debug("constant folder failed", exc_info=True)
+            if snapshot is not None:
+                _restore(model, snapshot)
+            return False
+        bad = [n for n in model.graph.all_nodes() if id(n) not in old_nodes and not _valid_at_opset(n, model)]
+        if bad:
+            if snapshot is not None:
+                _restore(model, snapshot)
+            self.decline(f"constant folder emitted {bad[0].op_type} not valid at opset {opset}; folding undone")
             return False
         after = sum(1 for _ in model.graph.all_nodes())
         if after < before:
@@ -590,6 +634,54 @@ class FoldPass(ShrinkPass):
         if noop:
             parts.append(f"{noop} Identity/Dropout to remove")
         return ", ".join(parts) if parts else "constant folding and dead-code checks only"
+
+
+def _weight_bytes(model: ir.Model) -> int:
+    return sum(v.const_value.nbytes for g in model.graphs() for v in g.initializers.values() if v.const_value is not None)
+
+
+def _size_estimate(model: ir.Model) -> int:
+    """Bytes the model takes as a file, without value_info and node names (which saving strips)."""
+    proto = ir.to_proto(model)
+
+    def clean(graph: Any) -> None:
+        del graph.value_info[:]
+        for node in graph.node:
+            node.ClearField("name")
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    clean(attr.g)
+                for g in attr.graphs:
+                    clean(g)
+
+    clean(proto.graph)
+    return proto.ByteSize()
+
+
+def _restore(model: ir.Model, snapshot: ir.Model) -> None:
+    """Put the graph and functions of ``snapshot`` back into ``model`` (same Model object)."""
+    model.graph = snapshot.graph
+    model.functions.clear()
+    model.functions.update(snapshot.functions)
+
+
+def _valid_at_opset(node: ir.Node, model: ir.Model) -> bool:
+    """True if ``node``'s input/output counts fit its schema at the model's opset (unknown ops: True)."""
+    import onnx.defs
+
+    if node.domain not in _ONNX_DOMAINS:
+        return True
+    version = model.opset_imports.get("", None)
+    if version is None:
+        return True
+    try:
+        schema = onnx.defs.get_schema(node.op_type, version, "")
+    except Exception:
+        return False
+    n_in = len(node.inputs)
+    while n_in and node.inputs[n_in - 1] is None:
+        n_in -= 1
+    return schema.min_input <= n_in <= schema.max_input and len(node.outputs) <= schema.max_output
 
 
 def _constant_node_tensor(node: ir.Node) -> Any:
