@@ -175,6 +175,7 @@ class FoldPass(ShrinkPass):
             modified = self._rounds(model, fold_constants=False)
         if modified:
             ir_common.NameFixPass()(model)
+        _drop_folder_metadata(model)
         return modified
 
     def _rounds(self, model: ir.Model, fold_constants: bool) -> bool:
@@ -634,6 +635,18 @@ class FoldPass(ShrinkPass):
         if noop:
             parts.append(f"{noop} Identity/Dropout to remove")
         return ", ".join(parts) if parts else "constant folding and dead-code checks only"
+
+
+def _drop_folder_metadata(model: ir.Model) -> None:
+    """Remove the provenance notes onnxscript's folder attaches to values (they would be saved)."""
+    from onnxscript.optimizer import FOLDED_FROM_KEY
+
+    for graph in model.graphs():
+        values = list(graph.inputs) + list(graph.initializers.values())
+        values += [v for node in graph for v in node.outputs]
+        for v in values:
+            if FOLDED_FROM_KEY in v.metadata_props:
+                del v.metadata_props[FOLDED_FROM_KEY]
 
 
 def _weight_bytes(model: ir.Model) -> int:
