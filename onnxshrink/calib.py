@@ -339,6 +339,10 @@ def synthetic_data(
         elif kind in "OUS":
             words = np.array(["onnx", "shrink", "Monday", "the", "a", "model"], dtype=object)
             arr = words[rng.integers(0, len(words), size=full)]
+        elif spec.dtype.name.startswith("float"):  # ml_dtypes: float8/float4 variants
+            arr = rng.standard_normal(full).astype(np.float32).astype(spec.dtype)
+        elif spec.dtype.name.startswith(("int", "uint")):  # ml_dtypes: int4/int2 variants
+            arr = rng.integers(0, 2, size=full).astype(spec.dtype)
         else:
             raise DataError(
                 f"cannot make synthetic data for input {spec.name!r} of type {spec.dtype}",

@@ -187,6 +187,8 @@ class FoldPass(ShrinkPass):
             changed = False
             if fold_constants:
                 changed |= self._fold_constants(model)
+            if fold_constants:
+                changed |= self._fold_shape_reads(model)
             if o.noops:
                 changed |= self._remove_noops(model)
             if o.fuse_bn:
@@ -349,6 +351,38 @@ class FoldPass(ShrinkPass):
         if after < before:
             self.count("nodes_folded", before - after)
         return bool(result.modified)
+
+    # -- shape reads on static dims ---------------------------------------------------------------
+
+    def _fold_shape_reads(self, model: ir.Model) -> bool:
+        """Replace reads of static dims (Gather/Slice of Shape(x)) by constants; dynamic dims stay."""
+        changed = False
+        for graph in model.graphs():
+            for node in graph:
+                if not _is_onnx(node, "Shape") or node.inputs[0] is None or node.inputs[0].shape is None:
+                    continue
+                dims = list(node.inputs[0].shape)
+                start = node.attributes.get_int("start", 0)
+                end = node.attributes.get_int("end", len(dims))
+                dims = dims[slice(start, end)]
+                for use in list(node.outputs[0].uses()):
+                    reader = use.node
+                    if reader.graph is not graph or not _is_onnx(reader) or use.idx != 0:
+                        continue
+                    picked = _pick_dims(reader, dims)
+                    if picked is None or not all(isinstance(d, int) for d in picked[0]):
+                        continue
+                    values, scalar = picked
+                    out = reader.outputs[0]
+                    if out.is_graph_output():
+                        continue
+                    array = np.array(values[0] if scalar else values, dtype=np.int64)
+                    const = _new_initializer(graph, _unique(graph, f"{out.name}_static"), array)
+                    out.replace_all_uses_with(const)
+                    graph.remove(reader, safe=True)
+                    self.count("shape_reads_folded")
+                    changed = True
+        return changed
 
     # -- no-op removal ---------------------------------------------------------------------------
 
@@ -635,6 +669,36 @@ class FoldPass(ShrinkPass):
         if noop:
             parts.append(f"{noop} Identity/Dropout to remove")
         return ", ".join(parts) if parts else "constant folding and dead-code checks only"
+
+
+def _pick_dims(reader: ir.Node, dims: list) -> tuple[list, bool] | None:
+    """The dims a Gather/Slice of a shape vector selects, and whether the result is a scalar."""
+    n = len(dims)
+    if reader.op_type == "Gather":
+        if reader.attributes.get_int("axis", 0) != 0:
+            return None
+        idx = _small_array(reader.inputs[1], 64)
+        if idx is None or idx.ndim > 1:
+            return None
+        picked = [dims[int(i) + (n if i < 0 else 0)] for i in idx.reshape(-1) if -n <= int(i) < n]
+        if len(picked) != idx.size:
+            return None
+        return picked, idx.ndim == 0
+    if reader.op_type == "Slice" and len(reader.inputs) >= 3:
+        arrays = [_small_array(v, 8) if v is not None else None for v in reader.inputs[1:5]]
+        if arrays[0] is None or arrays[1] is None or arrays[0].size != 1:
+            return None
+        if len(arrays) > 2 and reader.inputs[3] is not None and (arrays[2] is None or int(arrays[2].reshape(-1)[0]) not in (0, -1)):
+            return None
+        step = 1
+        if len(arrays) > 3 and reader.inputs[4] is not None:
+            if arrays[3] is None:
+                return None
+            step = int(arrays[3].reshape(-1)[0])
+        start, end = int(arrays[0].reshape(-1)[0]), int(arrays[1].reshape(-1)[0])
+        end = max(min(end, 2**62), -(2**62))
+        return list(dims[slice(start, end, step)]), False
+    return None
 
 
 def _drop_folder_metadata(model: ir.Model) -> None:

@@ -1,0 +1,38 @@
+"""Shared fixtures: paths, onnxruntime helpers, model builders."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ROOT / "models"
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the corpus helpers live beside the benchmarks
+
+
+def run_ort(model: onnx.ModelProto | str | Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Run a model (proto or path) in onnxruntime's CPU provider and return all outputs."""
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    sess = ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)
+
+
+def rel_l2(ref: np.ndarray, cand: np.ndarray) -> float:
+    """‖cand − ref‖ / ‖ref‖ (0 when both are zero)."""
+    ref = np.asarray(ref, dtype=np.float64)
+    cand = np.asarray(cand, dtype=np.float64)
+    den = np.linalg.norm(ref)
+    num = np.linalg.norm(cand - ref)
+    return float(num / den) if den else float(num)
+
+
+@pytest.fixture
+def models_dir() -> Path:
+    return MODELS
