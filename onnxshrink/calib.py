@@ -109,7 +109,7 @@ class Dataset:
             for i in range(n):
                 if limit is not None and done >= limit:
                     return
-                yield {k: v[i] for k, v in chunk.items()}
+                yield {k: np.asarray(v[i]) for k, v in chunk.items()}
                 done += 1
 
     def batches(self, max_batch: int, batchable: bool, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
@@ -344,7 +344,7 @@ def synthetic_data(
         elif kind in "OUS":
             words = np.array(["onnx", "shrink", "Monday", "the", "a", "model"], dtype=object)
             arr = words[rng.integers(0, len(words), size=full)]
-        elif spec.dtype.name.startswith("float"):  # ml_dtypes: float8/float4 variants
+        elif spec.dtype.name.startswith(("float", "bfloat")):  # ml_dtypes: bfloat16, float8/float4 variants
             arr = rng.standard_normal(full).astype(np.float32).astype(spec.dtype)
         elif spec.dtype.name.startswith(("int", "uint")):  # ml_dtypes: int4/int2 variants
             arr = rng.integers(0, 2, size=full).astype(spec.dtype)
