@@ -39,6 +39,7 @@ from onnxshrink.errors import (
 from onnxshrink.model import (
     ModelSource,
     check_output_path,
+    external_data_files,
     load_model,
     model_stats,
     save_model,
@@ -70,22 +71,8 @@ __all__ = [
 
 
 def _file_bytes(path: Path) -> int:
-    """Size of a model file plus the external-data files next to it that it references."""
-    total = path.stat().st_size
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception:
-        return total
-    locations = set()
-    for init in proto.graph.initializer:
-        for entry in init.external_data:
-            if entry.key == "location":
-                locations.add(entry.value)
-    for loc in locations:
-        p = path.parent / loc
-        if p.is_file():
-            total += p.stat().st_size
-    return total
+    """Size of a model file plus the external-data files it references."""
+    return path.stat().st_size + sum(f.stat().st_size for f in external_data_files(path) if f.is_file())
 
 
 class OptimizeResult:
@@ -198,7 +185,9 @@ def optimize(
             (1); with ``validate_each``, the pass that broke the tolerance (3).
     """
     start = time.perf_counter()
-    steps = parse(passes or DEFAULT_PIPELINE) if not isinstance(passes, list) else passes
+    steps = parse(passes if passes is not None else DEFAULT_PIPELINE) if not isinstance(passes, list) else passes
+    if not steps:
+        raise UsageError("no passes to run", hint="give a pass spec such as 'fold'")
     input_path = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
     if output is not None:
         check_output_path(output, [input_path] if input_path else [])
@@ -208,6 +197,12 @@ def optimize(
     try:
         notes: list[str] = []
         specs = input_specs(m)
+        if isinstance(tolerance, Tolerances):
+            names = {v.name for v in m.graph.outputs}
+            unknown = [n for n in tolerance.per_output if n not in names]
+            if unknown:
+                raise UsageError(f"--tol names unknown output {unknown[0]!r}",
+                                 hint=f"the model's outputs are {', '.join(sorted(map(repr, names)))}")
         dataset = _as_dataset(data, m)
         context = PassContext(data=dataset, input_shapes=dict(input_shapes or {}), progress=progress)
         for step in steps:

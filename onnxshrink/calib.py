@@ -160,9 +160,9 @@ def _fit_array(spec: InputSpec, arr: np.ndarray, origin: str) -> np.ndarray:
                 )
     want_dt = spec.dtype
     if stacked.dtype != want_dt:
-        kinds_ok = (stacked.dtype.kind == want_dt.kind) or (
-            stacked.dtype.kind in "iu" and want_dt.kind in "iu"
-        ) or (stacked.dtype.kind in "iub" and want_dt.kind == "f")
+        # float64 -> float32 and int32 -> int64 are the usual numpy defaults: accepted. Integers for a
+        # float input (e.g. uint8 images for a normalized model) are a preprocessing mistake: refused.
+        kinds_ok = (stacked.dtype.kind == want_dt.kind) or (stacked.dtype.kind in "iu" and want_dt.kind in "iu")
         if not kinds_ok:
             raise DataError(
                 f"{origin}: input {spec.name!r} is {want_dt} in the model but {stacked.dtype} in the data",

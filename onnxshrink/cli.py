@@ -14,8 +14,10 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-import click
 import typer
+from rich.markup import escape
+from typer import exceptions as typer_exc
+from typer._click import exceptions as click_exc  # typer 0.29 vendors its own click
 from rich.console import Console
 from rich.table import Table
 
@@ -32,7 +34,7 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
-_err = Console(stderr=True, highlight=False, soft_wrap=True)
+_err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
 
 
 def _setup_logging(debug: bool, quiet: bool) -> None:
@@ -71,7 +73,7 @@ def optimize(
     from onnxshrink.validate import parse_tolerances
 
     _setup_logging(debug, quiet)
-    steps = parse(passes or DEFAULT_PIPELINE)
+    steps = parse(passes if passes is not None else DEFAULT_PIPELINE)
     out = output or _default_output(model)
     check_output_path(out, [model])
     if report is not None and report.suffix.lower() not in (".json", ".md"):
@@ -110,7 +112,7 @@ def optimize(
                 _err.print("hint: nothing was written; loosen --tol, change the passes, or use --force")
             return 3
         if not quiet and rep.output:
-            Console(highlight=False).print(f"wrote {rep.output}")
+            Console(highlight=False, markup=False).print(f"wrote {rep.output}")
         return 0
     finally:
         result.close()
@@ -124,6 +126,7 @@ def inspect(
 ) -> int:
     """Show size by op type, parameters, MACs, opset, inputs/outputs and what each pass could do."""
     import onnx_ir as ir
+    from onnx_ir.passes import common as ir_common
 
     from onnxshrink.model import constant_tensors, load_model, model_stats
     from onnxshrink.registry import all_passes
@@ -131,8 +134,8 @@ def inspect(
     _setup_logging(debug, False)
     m = load_model(model)
     try:
-        ir.passes.common.ShapeInferencePass(strict_mode=False)(m)
-    except Exception:
+        ir_common.ShapeInferencePass(strict_mode=False)(m)
+    except Exception:  # custom ops: MACs of what follows them may be unknown
         pass
     stats = model_stats(m)
     stats.file_bytes = model.stat().st_size
@@ -165,26 +168,26 @@ def inspect(
         print(json.dumps(info, indent=2))
         return 0
     con = Console(highlight=False)
-    con.print(f"[bold]{model}[/bold]  opsets {info['opsets']}  ir_version {m.ir_version}  producer {info['producer'] or '-'}")
+    con.print(f"[bold]{escape(str(model))}[/bold]  opsets {info['opsets']}  ir_version {m.ir_version}  producer {info['producer'] or '-'}")
     for kind in ("inputs", "outputs"):
         for v in info[kind]:
-            con.print(f"  {kind[:-1]:6} {v['name']}: {v['dtype']} {v['shape']}")
+            con.print(escape(f"  {kind[:-1]:6} {v['name']}: {v['dtype']} {v['shape']}"))
     con.print(f"  nodes {stats.nodes:,}  params {stats.params:,}  weights {stats.weight_bytes:,} B  "
               f"file {stats.file_bytes:,} B  MACs/sample {('-' if stats.macs is None else f'{stats.macs:,}')}")
     t = Table(title="ops", show_header=True, header_style="bold")
     t.add_column("op type")
     t.add_column("count", justify="right")
     for op, n in sorted(stats.op_counts.items(), key=lambda kv: -kv[1]):
-        t.add_row(op, str(n))
+        t.add_row(escape(op), str(n))
     con.print(t)
     w = Table(title="weight bytes by consumer op", show_header=True, header_style="bold")
     w.add_column("consumer")
     w.add_column("bytes", justify="right")
     for op, n in info["weight_bytes_by_consumer"].items():
-        w.add_row(op, f"{n:,}")
+        w.add_row(escape(op), f"{n:,}")
     con.print(w)
     for name, text in info["passes"].items():
-        con.print(f"  pass [cyan]{name}[/cyan]: {text}")
+        con.print(f"  pass [cyan]{name}[/cyan]: {escape(text)}")
     return 0
 
 
@@ -212,17 +215,18 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in args
     try:
         rv = app(args=args, prog_name="onnxshrink", standalone_mode=False)
-    except click.exceptions.NoArgsIsHelpError as e:  # typer prints help itself
+    except click_exc.NoArgsIsHelpError as e:
+        print(e.ctx.get_help() if e.ctx is not None else "usage: onnxshrink COMMAND [OPTIONS]")
         sys.exit(0)
-    except click.exceptions.UsageError as e:
+    except click_exc.UsageError as e:
         msg = e.format_message().strip().splitlines()[0] if e.format_message().strip() else "bad usage"
         _err.print(f"error: {msg}")
         _err.print("hint: see `onnxshrink --help` or `onnxshrink COMMAND --help`")
         sys.exit(2)
-    except click.exceptions.Abort:
+    except typer_exc.Abort:
         _err.print("error: aborted")
         sys.exit(130)
-    except click.exceptions.Exit as e:
+    except typer_exc.Exit as e:
         sys.exit(e.exit_code)
     except ShrinkError as e:
         if debug:

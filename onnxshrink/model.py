@@ -28,6 +28,7 @@ __all__ = [
     "load_model",
     "save_model",
     "check_output_path",
+    "external_data_files",
     "ModelStats",
     "model_stats",
     "iter_graphs",
@@ -155,6 +156,29 @@ def load_model(source: ModelSource, *, check: bool = True) -> ir.Model:
     return model
 
 
+def external_data_files(path: str | os.PathLike) -> set[Path]:
+    """The external-data files a model file references (resolved paths); empty if none or unreadable."""
+    p = Path(os.fspath(path))
+    try:
+        proto = onnx.load(str(p), load_external_data=False)
+    except Exception:
+        return set()
+    files = set()
+    graphs = [proto.graph]
+    while graphs:
+        g = graphs.pop()
+        for init in g.initializer:
+            for entry in init.external_data:
+                if entry.key == "location":
+                    files.add((p.parent / entry.value).resolve())
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    graphs.append(attr.g)
+                graphs.extend(attr.graphs)
+    return files
+
+
 def check_output_path(output: str | os.PathLike, inputs: list[str | os.PathLike]) -> Path:
     """Check that ``output`` is writable and not one of ``inputs``; return it as a Path.
 
@@ -173,6 +197,14 @@ def check_output_path(output: str | os.PathLike, inputs: list[str | os.PathLike]
             )
     if out.is_dir():
         raise OutputPathError(f"output path {out} is a folder", hint="give a file name ending in .onnx")
+    data_file = (out.parent / (out.name + ".data")).resolve()
+    for src in inputs:
+        src_path = Path(os.fspath(src))
+        if src_path.is_file() and data_file in external_data_files(src_path):
+            raise OutputPathError(
+                f"output {out} would overwrite {data_file.name}, the input model's external data",
+                hint="choose another output name",
+            )
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise OutputPathError(f"output folder {parent} does not exist", hint="create it first")
@@ -221,6 +253,8 @@ def save_model(model: ir.Model, path: str | os.PathLike, *, external_data: bool 
             if external_data:
                 ir.save(model, tmp_model, external_data=data_name)
             else:
+                if any(isinstance(t, ir.ExternalTensor) for _, t in constant_tensors(model)):
+                    ir.external_data.load_to_model(model)  # embed: the references would point elsewhere
                 proto = ir.to_proto(model)
                 for opset in proto.opset_import:
                     if opset.domain == "":

@@ -159,6 +159,9 @@ def _convert(info: PassInfo, field: dataclasses.Field, raw: str) -> Any:
     choices = literal_choices(tp) or field.metadata.get("choices")
     where = f"option {field.name!r} of pass {info.name!r}"
     if choices:
+        by_text = {format_value(c): c for c in choices}
+        if raw in by_text:
+            return by_text[raw]
         if raw not in choices:
             raise SpecError(
                 f"{where} must be one of {', '.join(map(str, choices))}, not {raw!r}",

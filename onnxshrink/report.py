@@ -141,11 +141,12 @@ class Report:
     def render(self, console: Any = None) -> None:
         """Print the report as rich tables to ``console`` (a ``rich.console.Console``; stdout by default)."""
         from rich.console import Console
+        from rich.markup import escape
         from rich.table import Table
 
         console = console or Console()
-        console.print(f"[bold]onnxshrink[/bold] {self.input} → {self.output or '(not saved)'}")
-        console.print(f"pipeline: [cyan]{self.pipeline}[/cyan]")
+        console.print(f"[bold]onnxshrink[/bold] {escape(self.input)} → {escape(self.output or '(not saved)')}")
+        console.print(f"pipeline: [cyan]{escape(self.pipeline)}[/cyan]")
         t = Table(show_header=True, header_style="bold")
         for col, just in (("", "left"), ("before", "right"), ("after", "right"), ("ratio", "right")):
             t.add_column(col, justify=just)  # type: ignore[arg-type]
@@ -156,9 +157,9 @@ class Report:
         for col in ("pass", "nodes", "weight bytes", "time", "detail"):
             pt.add_column(col, overflow="fold")
         for p in self.passes:
-            pt.add_row(p.name, f"{p.before.nodes} → {p.after.nodes}",
+            pt.add_row(escape(p.name), f"{p.before.nodes} → {p.after.nodes}",
                        f"{_human_bytes(p.before.weight_bytes)} → {_human_bytes(p.after.weight_bytes)}",
-                       f"{p.seconds:.3f} s", self._pass_detail(p))
+                       f"{p.seconds:.3f} s", escape(self._pass_detail(p)))
         console.print(pt)
         v = self.validation
         if v is not None and v.outputs:
@@ -166,13 +167,13 @@ class Report:
             for col in ("output", "rel L2", "max abs", "cosine", "SNR dB", "top-1 agree", "tol", "ok"):
                 vt.add_column(col, justify="right" if col not in ("output", "ok") else "left")
             for o in v.outputs:
-                vt.add_row(o.name, f"{o.rel_l2:.3g}", f"{o.max_abs:.3g}", f"{o.cosine:.6f}",
+                vt.add_row(escape(o.name), f"{o.rel_l2:.3g}", f"{o.max_abs:.3g}", f"{o.cosine:.6f}",
                            "-" if o.snr_db is None else f"{o.snr_db:.1f}",
                            "-" if o.top1 is None else f"{o.top1:.4f}", f"{o.tolerance:.3g}",
                            "[green]yes[/green]" if o.passed else "[red]NO[/red]")
             console.print(vt)
         color = {"passed": "green", "failed": "red"}.get(self.verdict, "yellow")
         for i, line in enumerate(self._validation_lines()):
-            console.print(f"[{color}]{line}[/{color}]" if i == 0 else line, highlight=False)
+            console.print(f"[{color}]{escape(line)}[/{color}]" if i == 0 else escape(line), highlight=False)
         for n in self.notes:
-            console.print(f"note: {n}", highlight=False)
+            console.print(f"note: {escape(n)}", highlight=False)

@@ -155,7 +155,8 @@ class _Acc:
         r = ref.astype(np.float64)
         c = cand.astype(np.float64)
         both_nan = np.isnan(r) & np.isnan(c)
-        self.nan_mismatch += int(np.count_nonzero(np.isnan(r) ^ np.isnan(c)))
+        nan_only = np.isnan(r) ^ np.isnan(c)
+        self.nan_mismatch += int(np.count_nonzero(nan_only))
         r = np.where(both_nan, 0.0, r)
         c = np.where(both_nan, 0.0, c)
         with np.errstate(invalid="ignore", over="ignore"):
@@ -164,7 +165,7 @@ class _Acc:
             d_f = np.where(finite, d, 0.0)
             r_f = np.where(np.isfinite(r), r, 0.0)
             c_f = np.where(np.isfinite(c), c, 0.0)
-            self.nan_mismatch += int(np.count_nonzero(~finite & ~both_nan & (r != c)))
+            self.nan_mismatch += int(np.count_nonzero(~finite & ~both_nan & ~nan_only & (r != c)))
         self.ref_sq += float(np.sum(r_f * r_f))
         self.cand_sq += float(np.sum(c_f * c_f))
         self.dot += float(np.sum(r_f * c_f))
@@ -312,7 +313,9 @@ def compare_models(
             if r.dtype.kind == "O" or r.dtype.kind in "US":
                 accs[name].kind = "exact"
             accs[name].add(r, c)
-        samples += len(next(iter(feed.values()))) if batchable and feed else 1
+        samples += 1
+    # feeds may hold several samples each: report samples, not runs
+    samples = data.num_samples if limit is None else min(limit, data.num_samples)
     for acc in accs.values():
         if acc.kind is None:  # an output never compared (maps): count it as exact and equal
             acc.kind = "exact"
