@@ -161,7 +161,7 @@ class FoldPass(ShrinkPass):
     def run(self, model: ir.Model) -> bool:
         o: FoldOptions = self.options
         self._declined_seen: set[tuple[int, str]] = set()
-        guard = _weight_bytes(model) <= _EXACT_SIZE_GUARD_BYTES
+        guard = o.max_growth == 0 and _weight_bytes(model) <= _EXACT_SIZE_GUARD_BYTES
         snapshot = model.clone() if guard and o.constants else None
         size_before = _size_estimate(model) if guard else 0
         modified = self._rounds(model, fold_constants=o.constants)
@@ -181,7 +181,8 @@ class FoldPass(ShrinkPass):
     def _rounds(self, model: ir.Model, fold_constants: bool) -> bool:
         o: FoldOptions = self.options
         declared = [(g, [(v.type, v.shape) for v in g.outputs]) for g in model.graphs()]
-        modified = self._lift_constants(model)
+        modified = self._upgrade_old_ir(model)
+        modified |= self._lift_constants(model)
         self._infer_shapes(model)
         for round_no in range(o.rounds):
             changed = False
@@ -189,6 +190,7 @@ class FoldPass(ShrinkPass):
                 changed |= self._fold_constants(model)
             if fold_constants:
                 changed |= self._fold_shape_reads(model)
+                changed |= self._materialize_reshape_shapes(model)
             if o.noops:
                 changed |= self._remove_noops(model)
             if o.fuse_bn:
@@ -247,6 +249,25 @@ class FoldPass(ShrinkPass):
                 src.type = declared_type
             if declared_shape is not None:
                 src.shape = declared_shape
+        return True
+
+    def _upgrade_old_ir(self, model: ir.Model) -> bool:
+        """IR < 4 had to list every initializer as a graph input; runtimes treat them as constants.
+
+        Drop them from the inputs and mark the model IR 4 (which allows that), so they fold like any
+        weight. Later IR versions only add features, so the model means the same.
+        """
+        if model.ir_version is None or model.ir_version >= 4:
+            return False
+        inputs = model.graph.inputs
+        kept = [v for v in inputs if not v.is_initializer()]
+        if len(kept) == len(inputs):
+            return False
+        dropped = len(inputs) - len(kept)
+        inputs.clear()
+        inputs.extend(kept)
+        model.ir_version = 4
+        self.count("old_ir_initializer_inputs_dropped", dropped)
         return True
 
     # -- Constant nodes → initializers -----------------------------------------------------------
@@ -382,6 +403,40 @@ class FoldPass(ShrinkPass):
                     graph.remove(reader, safe=True)
                     self.count("shape_reads_folded")
                     changed = True
+        return changed
+
+    def _materialize_reshape_shapes(self, model: ir.Model) -> bool:
+        """``Reshape(x, Concat(Unsqueeze(Gather(Shape(x), i)), …))`` → ``Reshape(x, const)`` with 0 at i.
+
+        With ``allowzero=0`` a 0 in Reshape's shape copies the input's dim at the same position, so a dim
+        read from ``x`` itself at the same index needs no nodes, and dynamic axes stay dynamic.
+        """
+        changed = False
+        for graph in model.graphs():
+            for node in graph:
+                if not _is_onnx(node, "Reshape") or len(node.inputs) < 2 or node.attributes.get_int("allowzero", 0):
+                    continue
+                x, shape = node.inputs[0], node.inputs[1]
+                concat = shape.producer() if shape is not None else None
+                if concat is None or not _is_onnx(concat, "Concat") or concat.graph is not graph:
+                    continue
+                dims: list[int] = []
+                for piece in concat.inputs:
+                    const = _small_array(piece, 16)
+                    if const is not None and const.ndim == 1:
+                        dims.extend(int(d) for d in const)
+                        continue
+                    index = _copied_dim(piece, x)
+                    if index is None or index != len(dims):
+                        dims = []
+                        break
+                    dims.append(0)
+                if not dims or dims.count(-1) > 1:
+                    continue
+                const = _new_initializer(graph, _unique(graph, f"{shape.name}_static"), np.array(dims, np.int64))
+                node.replace_input_with(1, const)
+                self.count("reshape_shapes_materialized")
+                changed = True
         return changed
 
     # -- no-op removal ---------------------------------------------------------------------------
@@ -669,6 +724,27 @@ class FoldPass(ShrinkPass):
         if noop:
             parts.append(f"{noop} Identity/Dropout to remove")
         return ", ".join(parts) if parts else "constant folding and dead-code checks only"
+
+
+def _copied_dim(piece: ir.Value | None, x: ir.Value) -> int | None:
+    """If ``piece`` is ``Unsqueeze(Gather(Shape(x), i), [0])`` (1 element), return i, else None."""
+    unsq = piece.producer() if piece is not None else None
+    if unsq is None or not _is_onnx(unsq, "Unsqueeze"):
+        return None
+    axes = _small_array(unsq.inputs[1], 4) if len(unsq.inputs) > 1 else np.array(unsq.attributes.get_ints("axes", []))
+    if axes is None or list(np.reshape(axes, -1)) != [0]:
+        return None
+    gather = unsq.inputs[0].producer() if unsq.inputs[0] is not None else None
+    if gather is None or not _is_onnx(gather, "Gather") or gather.attributes.get_int("axis", 0) != 0:
+        return None
+    idx = _small_array(gather.inputs[1], 1)
+    shape_node = gather.inputs[0].producer() if gather.inputs[0] is not None else None
+    if idx is None or idx.ndim != 0 or shape_node is None or not _is_onnx(shape_node, "Shape"):
+        return None
+    if shape_node.inputs[0] is not x or shape_node.attributes.get_int("start", 0) != 0:
+        return None
+    i = int(idx)
+    return i if i >= 0 else None
 
 
 def _pick_dims(reader: ir.Node, dims: list) -> tuple[list, bool] | None:

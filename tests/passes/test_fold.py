@@ -227,6 +227,7 @@ def test_identity_from_input_to_output_is_kept():
 
 
 def test_shape_subgraph_folds_on_static_dims_and_stays_dynamic_on_batch():
+    # (with allowzero=1 the same graph must keep reading the batch at run time: see the next test)
     # Reshape(x, [Shape(x)[0], -1]) : the batch dim is dynamic and must stay computed.
     nodes = [
         helper.make_node("Shape", ["x"], ["s"]),
@@ -240,12 +241,55 @@ def test_shape_subgraph_folds_on_static_dims_and_stays_dynamic_on_batch():
     inits = [arr("i0", np.array(0, np.int64)), arr("i1", np.array(1, np.int64)), arr("ax", np.array([0], np.int64)),
              arr("m1", np.array([-1], np.int64))]
     m = make(nodes, [vi("x", ["N", 3, 4, 5])], [vi("y", ["N", 3, 20])], inits)
-    out, _ = fold(m)
-    assert ops(out)["Shape"] == 1  # the dynamic batch is still read at run time
-    assert sum(ops(out).values()) < len(nodes)
+    out, stats = fold(m)
+    # the static dim became 3; the dynamic batch is copied by Reshape's 0 (allowzero=0), not computed
+    assert ops(out) == {"Reshape": 1}
+    shape = {i.name: numpy_helper.to_array(i) for i in out.graph.initializer}[out.graph.node[0].input[1]]
+    assert shape.tolist() == [0, 3, -1]
+    assert stats["counters"]["reshape_shapes_materialized"] == 1
     assert out.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
     for batch in (1, 5):
         assert_same(m, out, {"x": RNG.standard_normal((batch, 3, 4, 5)).astype(np.float32)}, tol=0)
+
+
+def test_dynamic_batch_stays_computed_when_reshape_allows_zero():
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"]),
+        helper.make_node("Gather", ["s", "i0"], ["n"], axis=0),
+        helper.make_node("Unsqueeze", ["n", "ax"], ["nu"]),
+        helper.make_node("Concat", ["nu", "m1"], ["shape"], axis=0),
+        helper.make_node("Reshape", ["x", "shape"], ["y"], allowzero=1),
+    ]
+    inits = [arr("i0", np.array(0, np.int64)), arr("ax", np.array([0], np.int64)), arr("m1", np.array([-1], np.int64))]
+    m = make(nodes, [vi("x", ["N", 3, 4])], [vi("y", ["N", 12])], inits)
+    out, _ = fold(m)
+    assert ops(out)["Shape"] == 1
+    for batch in (1, 4):
+        assert_same(m, out, {"x": RNG.standard_normal((batch, 3, 4)).astype(np.float32)}, tol=0)
+
+
+def test_old_ir_initializers_listed_as_inputs_become_constants():
+    inits = [arr("w", RNG.standard_normal((4, 3, 1, 1)).astype(np.float32)), *bn_params(4)]
+    m = make([helper.make_node("Conv", ["x", "w"], ["c"]), bn_node("c", "y")],
+             [vi("x", [1, 3, 4, 4])] + [vi(i.name, list(i.dims)) for i in inits], [vi("y", [1, 4, 4, 4])], inits, opset=9)
+    m.ir_version = 3
+    out, stats = fold(m)
+    assert ops(out) == {"Conv": 1}
+    assert out.ir_version == 4
+    assert [i.name for i in out.graph.input] == ["x"]
+    assert stats["counters"]["old_ir_initializer_inputs_dropped"] == 5
+    assert_same(m, out, {"x": RNG.standard_normal((1, 3, 4, 4)).astype(np.float32)})
+
+
+def test_max_growth_lets_the_user_trade_bytes_for_nodes():
+    m = make([helper.make_node("ConstantOfShape", ["shape"], ["w"], value=numpy_helper.from_array(np.array([0.5], np.float32))),
+              helper.make_node("MatMul", ["x", "w"], ["y"])],
+             [vi("x", [2, 64])], [vi("y", [2, 64])], [arr("shape", np.array([64, 64], np.int64))])
+    strict, _ = fold(m)
+    assert ops(strict)["ConstantOfShape"] == 1
+    grown, _ = fold(m, max_growth=1 << 20)
+    assert ops(grown) == {"MatMul": 1}
+    assert_same(m, grown, {"x": RNG.standard_normal((2, 64)).astype(np.float32)}, tol=0)
 
 
 def test_folding_never_grows_the_model():
