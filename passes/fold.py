@@ -349,7 +349,7 @@ class FoldPass(ShrinkPass):
         snapshot = model.clone() if opset < 13 else None
         old_nodes = {id(n) for n in model.graph.all_nodes()}
         folder = constant_folding.FoldConstantsPass(
-            shape_inference=True,
+            shape_inference=False,  # shapes come from one whole-model inference per round (much faster)
             input_size_limit=1 << 62,
             output_size_limit=1 << 62,
             should_fold=self._should_fold,
