@@ -195,8 +195,8 @@ def select_models(patterns: list[str], default: list[tuple[str, Path]]) -> list[
         if hits:
             pairs = [(_label_for(p), p) for p in hits]
         else:
-            pairs = [(label, p) for label, p in default if fnmatch.fnmatch(label, pattern)
-                     or fnmatch.fnmatch(label, f"*{pattern}*")]
+            pairs = [(label, p) for label, p in default if fnmatch.fnmatch(label, pattern)]
+            pairs = pairs or [(label, p) for label, p in default if fnmatch.fnmatch(label, f"*{pattern}*")]
         if not pairs:
             print(f"warning: --models {pattern!r} matched nothing", file=sys.stderr)
         for label, path in pairs:
@@ -281,7 +281,7 @@ def worker_main(tool: str, src: str, dst: str) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Checker: onnxruntime outputs of the original vs. each tool's output
+# Checker: outputs of the original vs. each tool's output, on the same inputs
 # ---------------------------------------------------------------------------------------------------
 
 _ORT_DTYPES = {
@@ -292,8 +292,66 @@ _ORT_DTYPES = {
 }
 
 
-def synthetic_inputs(session: Any) -> dict[str, Any]:
-    """Deterministic inputs for an ORT session: seeded by input name, dynamic dims = 1.
+class Runner:
+    """One model loaded in an inference backend: its feedable inputs, its outputs, and ``run``.
+
+    ``onnxruntime`` (graph optimisations off, one thread) is the reference backend. ``onnx.reference``
+    is used only when onnxruntime cannot run the *original* (e.g. ops of opset 1 that onnxruntime no
+    longer implements); the outputs are then run there too, so both sides use the same backend.
+    """
+
+    def __init__(self, path: str, backend: str) -> None:
+        self.backend = backend
+        if backend == "onnxruntime":
+            import onnxruntime as ort
+
+            opts = ort.SessionOptions()
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            opts.intra_op_num_threads = 1
+            opts.inter_op_num_threads = 1
+            opts.log_severity_level = 3
+            sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+            #: (name, numpy dtype name or None if not a tensor, shape with None for dynamic dims)
+            self.inputs = [(i.name, _ORT_DTYPES.get(i.type), _dims(i.shape)) for i in sess.get_inputs()]
+            self.outputs = [o.name for o in sess.get_outputs()]
+            self._run = lambda feeds: sess.run(None, feeds)
+        else:
+            import onnx
+            from onnx.reference import ReferenceEvaluator
+
+            model = onnx.load(path)
+            ev = ReferenceEvaluator(model)
+            inits = {t.name for t in model.graph.initializer}
+            self.inputs = [(i.name, _proto_dtype(i.type), _proto_dims(i.type))
+                           for i in model.graph.input if i.name not in inits]
+            self.outputs = [o.name for o in model.graph.output]
+            self._run = lambda feeds: ev.run(None, feeds)
+
+    def run(self, feeds: dict[str, Any]) -> list[Any]:
+        return self._run(feeds)
+
+
+def _dims(shape: Any) -> list[int | None]:
+    return [d if isinstance(d, int) and d >= 0 else None for d in (shape or [])]
+
+
+def _proto_dtype(type_proto: Any) -> str | None:
+    from onnx import helper
+
+    if not type_proto.HasField("tensor_type"):
+        return None
+    np_dtype = helper.tensor_dtype_to_np_dtype(type_proto.tensor_type.elem_type)
+    return "object" if np_dtype.kind in "OUS" else np_dtype.name
+
+
+def _proto_dims(type_proto: Any) -> list[int | None]:
+    if not type_proto.HasField("tensor_type") or not type_proto.tensor_type.HasField("shape"):
+        return []
+    return [d.dim_value if d.HasField("dim_value") else None for d in type_proto.tensor_type.shape.dim]
+
+
+def synthetic_inputs(inputs: list[tuple[str, str | None, list[int | None]]]) -> dict[str, Any]:
+    """Deterministic inputs: seeded by input name, dynamic dims = 1.
 
     Floats ~ N(0, 1); integers in [0, 3) (safe as indices and sizes); booleans fair coins; strings
     short words.
@@ -301,12 +359,11 @@ def synthetic_inputs(session: Any) -> dict[str, Any]:
     import numpy as np
 
     feeds: dict[str, Any] = {}
-    for inp in session.get_inputs():
-        dtype = _ORT_DTYPES.get(inp.type)
+    for name, dtype, dims in inputs:
         if dtype is None:
-            raise ValueError(f"cannot synthesize input {inp.name!r} of type {inp.type}")
-        shape = [d if isinstance(d, int) and d >= 0 else 1 for d in (inp.shape or [])]
-        rng = np.random.default_rng(zlib.crc32(inp.name.encode()))
+            raise ValueError(f"cannot synthesize non-tensor input {name!r}")
+        shape = [1 if d is None else d for d in dims]
+        rng = np.random.default_rng(zlib.crc32(name.encode()))
         if dtype.startswith("float"):
             arr = rng.standard_normal(shape).astype(dtype)
         elif dtype == "bool":
@@ -316,11 +373,11 @@ def synthetic_inputs(session: Any) -> dict[str, Any]:
             arr = words[rng.integers(0, len(words), size=shape)]
         else:
             arr = rng.integers(0, 3, size=shape).astype(dtype)
-        feeds[inp.name] = arr
+        feeds[name] = arr
     return feeds
 
 
-def bundled_inputs(model_path: Path, session: Any) -> dict[str, Any] | None:
+def bundled_inputs(model_path: Path, names: list[str]) -> dict[str, Any] | None:
     """Inputs from ``test_data_set_0/input_*.pb`` next to a backend test model, if any."""
     import onnx
     from onnx import numpy_helper
@@ -329,7 +386,6 @@ def bundled_inputs(model_path: Path, session: Any) -> dict[str, Any] | None:
     files = sorted(data_dir.glob("input_*.pb"), key=lambda p: int(p.stem.split("_")[1]))
     if not files:
         return None
-    names = [i.name for i in session.get_inputs()]
     values = []
     for f in files:
         raw = f.read_bytes()
@@ -347,17 +403,6 @@ def bundled_inputs(model_path: Path, session: Any) -> dict[str, Any] | None:
         if key is not None:
             feeds[key] = value
     return feeds if set(feeds) == set(names) else None
-
-
-def _session(path: str) -> Any:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.intra_op_num_threads = 1
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
 
 
 def _flatten(value: Any) -> list[Any]:
@@ -396,6 +441,10 @@ def rel_l2(ref: Any, got: Any) -> float:
     return math.sqrt(num) / math.sqrt(den) if den > 0 else math.inf
 
 
+def _error_text(e: BaseException, limit: int = 300) -> str:
+    return f"{type(e).__name__}: {str(e).strip()[:limit]}"
+
+
 def check_main(original: str, outputs: list[str]) -> int:
     """Print ``STATS {json}`` (nodes, op types, bytes of every model), then ``CHECK {json}`` (per output:
     correct / worst rel L2 / error).
@@ -414,69 +463,72 @@ def check_main(original: str, outputs: list[str]) -> int:
                            "ir_version": model.ir_version}
             del model
         except Exception as e:  # noqa: BLE001
-            stats[path] = {"error": f"{type(e).__name__}: {str(e).strip()[:200]}"}
+            stats[path] = {"error": _error_text(e, 200)}
     print("STATS " + json.dumps(stats), flush=True)
-    result: dict[str, Any] = {"inputs": None, "reference_error": None, "outputs": {}}
+    result: dict[str, Any] = {"backend": None, "inputs": None, "reference_error": None, "outputs": {}}
     if not outputs:
         print("CHECK " + json.dumps(result))
         return 0
-    try:
-        ref_sess = _session(original)
-    except Exception as e:  # noqa: BLE001
-        result["reference_error"] = f"{type(e).__name__}: {str(e).strip()[:300]}"
-        print("CHECK " + json.dumps(result))
-        return 0
-    feeds_options = []
-    try:
-        feeds_options.append(("synthetic", synthetic_inputs(ref_sess)))
-    except Exception as e:  # noqa: BLE001
-        result["synthetic_error"] = str(e)[:300]
-    try:
-        bundled = bundled_inputs(Path(original), ref_sess)
-        if bundled is not None:
-            feeds_options.append(("bundled test_data_set_0", bundled))
-    except Exception as e:  # noqa: BLE001
-        result["bundled_error"] = str(e)[:300]
-    ref = feeds = None
-    errors = []
-    for kind, candidate in feeds_options:
+
+    # The original, its inputs and its outputs: onnxruntime first, onnx.reference if that fails.
+    errors: list[str] = []
+    ref = feeds = runner = None
+    for backend in ("onnxruntime", "onnx.reference"):
         try:
-            ref = ref_sess.run(None, candidate)
-            feeds, result["inputs"] = candidate, kind
-            break
+            runner = Runner(original, backend)
         except Exception as e:  # noqa: BLE001
-            errors.append(f"{kind}: {type(e).__name__}: {str(e).strip()[:200]}")
-    if feeds is None:
+            errors.append(f"{backend}: {_error_text(e, 200)}")
+            continue
+        candidates = []
+        try:
+            candidates.append(("synthetic", synthetic_inputs(runner.inputs)))
+        except Exception as e:  # noqa: BLE001
+            errors.append(f"synthetic inputs: {_error_text(e, 200)}")
+        try:
+            bundled = bundled_inputs(Path(original), [name for name, _, _ in runner.inputs])
+            if bundled is not None:
+                candidates.append(("bundled test_data_set_0", bundled))
+        except Exception as e:  # noqa: BLE001
+            errors.append(f"bundled inputs: {_error_text(e, 200)}")
+        for kind, candidate in candidates:
+            try:
+                ref = runner.run(candidate)
+                feeds, result["inputs"], result["backend"] = candidate, kind, backend
+                break
+            except Exception as e:  # noqa: BLE001
+                errors.append(f"{backend} on {kind} inputs: {_error_text(e, 200)}")
+        if feeds is not None:
+            break
+    if feeds is None or runner is None:
         result["reference_error"] = "; ".join(errors) or "no usable inputs"
         print("CHECK " + json.dumps(result))
         return 0
-    ref_names = [o.name for o in ref_sess.get_outputs()]
+
     for out in outputs:
         verdict: dict[str, Any] = {}
         try:
-            sess = _session(out)
-            names = [i.name for i in sess.get_inputs()]
+            other = Runner(out, runner.backend)
+            names = [name for name, _, _ in other.inputs]
             missing = [n for n in names if n not in feeds]
             if missing:
                 raise ValueError(f"optimized model needs new inputs {missing}")
-            got = sess.run(None, {n: feeds[n] for n in names})
-            got_names = [o.name for o in sess.get_outputs()]
-            by_name = dict(zip(got_names, got))
-            if set(got_names) != set(ref_names):
-                if len(got_names) != len(ref_names):
-                    raise ValueError(f"outputs changed: {ref_names} -> {got_names}")
-                by_name = dict(zip(ref_names, got))
+            got = other.run({n: feeds[n] for n in names})
+            by_name = dict(zip(other.outputs, got))
+            if set(other.outputs) != set(runner.outputs):
+                if len(other.outputs) != len(runner.outputs):
+                    raise ValueError(f"outputs changed: {runner.outputs} -> {other.outputs}")
+                by_name = dict(zip(runner.outputs, got))
                 verdict["note"] = "output names changed; compared by position"
-            errs = [rel_l2(r, by_name[n]) for n, r in zip(ref_names, ref)]
+            errs = [rel_l2(r, by_name[n]) for n, r in zip(runner.outputs, ref)]
             worst = max(errs) if errs else 0.0
             verdict["rel_l2"] = worst if math.isfinite(worst) else None
             verdict["correct"] = bool(worst <= REL_L2_TOL)
             if not verdict["correct"]:
-                bad = [n for n, e in zip(ref_names, errs) if not e <= REL_L2_TOL]
+                bad = [n for n, e in zip(runner.outputs, errs) if not e <= REL_L2_TOL]
                 verdict["error"] = f"outputs differ: {bad[:4]} (rel L2 {worst:.3g})"
         except Exception as e:  # noqa: BLE001
             verdict["correct"] = False
-            verdict["error"] = f"{type(e).__name__}: {str(e).strip()[:300]}"
+            verdict["error"] = _error_text(e)
         result["outputs"][out] = verdict
     print("CHECK " + json.dumps(result))
     return 0
@@ -580,6 +632,7 @@ def bench_model(label: str, path: Path, tools: list[str], workdir: Path, timeout
         verdict = {"reference_error": f"checker failed (exit {child['returncode']}"
                    f"{', timeout' if child['timed_out'] else ''}): {_tail(log)}"}
     record["check_inputs"] = verdict.get("inputs")
+    record["check_backend"] = verdict.get("backend")
     record["reference_error"] = verdict.get("reference_error")
     for tool in tools:
         info = record["tools"][tool]
@@ -654,9 +707,12 @@ def print_model(record: dict[str, Any], tools: list[str]) -> None:
         if msg:
             print(f"  ! {tool}: {msg}")
     if record.get("reference_error"):
-        print(f"  ! reference model does not run in onnxruntime: {record['reference_error'][:200]}")
-    elif record.get("check_inputs") and record["check_inputs"] != "synthetic":
-        print(f"  (checked with {record['check_inputs']} inputs: synthetic inputs were rejected by the model)")
+        print(f"  ! original model could not be run: {record['reference_error'][:300]}")
+    else:
+        if record.get("check_backend") not in (None, "onnxruntime"):
+            print(f"  (checked in {record['check_backend']}: onnxruntime cannot run the original)")
+        if record.get("check_inputs") not in (None, "synthetic"):
+            print(f"  (checked with {record['check_inputs']} inputs: synthetic inputs were rejected)")
 
 
 def verdict_for(record: dict[str, Any], max_bytes: int | None = None) -> tuple[str, int | None]:
@@ -719,7 +775,8 @@ def print_summary(records: list[dict[str, Any]], tools: list[str]) -> dict[str, 
         if verdict != "ok" and verdict != "no-competitor":
             not_ok.append(rec)
     print(_table(["model", "orig", *tools, "shrink ≤ min(correct rivals)"], rows))
-    print("\n  (✗ = output incorrect, ? = not verifiable: the original does not run in onnxruntime)")
+    print("\n  (✗ = output incorrect, ? = not verifiable: the original runs neither in onnxruntime nor in "
+          "onnx.reference)")
     lean = 0
     for rec in records:
         v, _ = verdict_for(rec, max_bytes=rec["original"]["bytes"])
