@@ -18,6 +18,7 @@ Usage::
     python benchmarks/bench_fold.py --quick               # a small subset, a minute or two
     python benchmarks/bench_fold.py --models 'light/*' models/digits_cnn.onnx --json out.json
     python benchmarks/bench_fold.py --all-node            # every onnx node test (when the wheel has them)
+    python benchmarks/bench_fold.py --from-json out.json  # re-print the summary of a saved run
 
 Internal modes (used by the driver, handy for debugging one case)::
 
@@ -753,6 +754,101 @@ def geomean(values: list[float]) -> float | None:
     return math.exp(sum(math.log(v) for v in vals) / len(vals))
 
 
+def print_problems(records: list[dict[str, Any]], tools: list[str]) -> None:
+    """Crashes, timeouts, incorrect outputs and size growth: onnxshrink's one by one, the competitors'
+    grouped by kind and message (the same onnxslim/onnxsim bug often hits dozens of old models)."""
+    print("\nCrashes, timeouts, incorrect outputs, size growth:")
+    for tool in tools:
+        found: dict[tuple[str, str], list[str]] = collections.defaultdict(list)
+        for rec in records:
+            info = rec["tools"].get(tool, {})
+            if info.get("status") in ("error", "crash", "timeout", "no-output", "bad-output"):
+                found[(info["status"], str(info.get("error")))].append(rec["model"])
+            elif info.get("correct") is False:
+                found[("incorrect", str(info.get("check_error")))].append(rec["model"])
+            elif info.get("status") == "ok" and info["bytes"] > rec["original"]["bytes"]:
+                before, after = rec["original"]["bytes"], info["bytes"]
+                kind = "grew > 2x" if after > 2 * before else "grew ≤ 2x"
+                found[(kind, "")].append(f"{rec['model']} ({before} → {after} B)")
+        total = sum(len(v) for v in found.values())
+        print(f"  {tool}: {total or 'none'}")
+        for (kind, message), models in sorted(found.items(), key=lambda kv: -len(kv[1])):
+            shown = models if tool == "onnxshrink" else models[:4]
+            more = f" ... and {len(models) - len(shown)} more" if len(shown) < len(models) else ""
+            print(f"    - {kind} on {len(models)} model(s){': ' + message if message else ''}")
+            print(f"      {', '.join(shown)}{more}")
+
+
+def _metric(info: dict[str, Any], key: str) -> float | None:
+    """One measurement of a tool run; derived keys: ``seconds+import`` and ``rss_above_imports``."""
+    if key == "seconds+import":
+        if info.get("seconds") is None or info.get("import_seconds") is None:
+            return None
+        return info["seconds"] + info["import_seconds"]
+    if key == "rss_above_imports":
+        if info.get("peak_rss") is None or info.get("baseline_rss") is None:
+            return None
+        return max(info["peak_rss"] - info["baseline_rss"], 1 << 20)
+    value = info.get(key)
+    if key == "nodes" and value is not None:
+        return max(value, 1)
+    return value
+
+
+#: (column title, metric key, needs both outputs correct)
+RATIO_COLUMNS = [
+    ("nodes", "nodes", True),
+    ("size", "bytes", True),
+    ("time", "seconds", False),
+    ("time+import", "seconds+import", False),
+    ("peak RSS", "peak_rss", False),
+    ("RSS above imports", "rss_above_imports", False),
+]
+
+
+def print_ratios(records: list[dict[str, Any]], tools: list[str]) -> dict[str, Any]:
+    """Geometric means of onnxshrink / competitor per metric, over all models and over bigger ones."""
+    big = [r for r in records if r["original"]["nodes"] >= BIG_MODEL_NODES]
+    subsets = [("all", records)] + ([(f">= {BIG_MODEL_NODES} nodes", big)] if big else [])
+    print("\nGeometric-mean ratios onnxshrink / competitor, over the models where both ran (nodes and size: "
+          "only where\nneither output is known to be incorrect; nodes counted as max(n, 1)):")
+    rows, ratios = [], {}
+    for subset, recs in subsets:
+        for rival in [t for t in tools if t != "onnxshrink"]:
+            both = [r for r in recs if r["tools"]["onnxshrink"].get("status") == "ok"
+                    and r["tools"][rival].get("status") == "ok"]
+            good = [r for r in both if r["tools"]["onnxshrink"].get("correct") is not False
+                    and r["tools"][rival].get("correct") is not False]
+            entry: dict[str, Any] = {"models": len(both), "models_correct": len(good)}
+            for _, key, needs_correct in RATIO_COLUMNS:
+                pairs = [(_metric(r["tools"]["onnxshrink"], key), _metric(r["tools"][rival], key))
+                         for r in (good if needs_correct else both)]
+                entry[key] = geomean([a / b for a, b in pairs if a is not None and b])
+            ratios.setdefault(subset, {})[rival] = entry
+            rows.append([subset, f"onnxshrink / {rival}", f"{len(both)} ({len(good)})",
+                         *("-" if entry[key] is None else f"{entry[key]:.3f}" for _, key, _ in RATIO_COLUMNS)])
+    print(_table(["models", "ratio", "n (correct)", *(title for title, _, _ in RATIO_COLUMNS)], rows))
+    print("  (< 1 favours onnxshrink. time = the tool call, file to file, after `import tool`; time+import adds"
+          "\n   the import. peak RSS = the whole tool process; 'above imports' = peak − RSS after the import,"
+          "\n   floored at 1 MiB)")
+    return ratios
+
+
+def print_totals(records: list[dict[str, Any]], tools: list[str]) -> None:
+    rows = []
+    for tool in tools:
+        ran = [r["tools"][tool] for r in records if r["tools"][tool].get("seconds") is not None]
+        imp = [i["import_seconds"] for i in ran if i.get("import_seconds") is not None]
+        base = [i["baseline_rss"] for i in ran if i.get("baseline_rss") is not None]
+        ok = sum(1 for i in ran if i.get("status") == "ok")
+        rows.append([tool, f"{ok}/{len(records)}", f"{sum(i['seconds'] for i in ran):.1f}",
+                     f"{(sum(imp) / len(imp)) if imp else 0:.2f}",
+                     _bytes(sum(base) / len(base)) if base else "-",
+                     _bytes(max((i.get("peak_rss") or 0) for i in ran)) if ran else "-"])
+    print("\nPer tool totals:")
+    print(_table(["tool", "ran ok", "sum time s", "mean import s", "RSS after import", "max peak RSS"], rows))
+
+
 def print_summary(records: list[dict[str, Any]], tools: list[str]) -> dict[str, Any]:
     print("\n" + "=" * 100 + "\nSUMMARY\n")
     rows = []
@@ -806,70 +902,10 @@ def print_summary(records: list[dict[str, Any]], tools: list[str]) -> dict[str, 
                 if t[rival].get("nodes", 0) < shrink["nodes"]:
                     print(f"      onnxshrink vs {rival}: {op_diff(shrink['ops'], t[rival]['ops'])}")
 
-    problems = []
-    for rec in records:
-        for tool in tools:
-            info = rec["tools"].get(tool, {})
-            if info.get("status") in ("error", "crash", "timeout", "no-output", "bad-output"):
-                problems.append(f"{tool} {info['status']} on {rec['model']}: {info.get('error')}")
-            elif info.get("correct") is False:
-                problems.append(f"{tool} incorrect on {rec['model']}: {info.get('check_error')}")
-            elif info.get("status") == "ok" and info["bytes"] > rec["original"]["bytes"]:
-                problems.append(f"{tool} grew {rec['model']}: {rec['original']['bytes']} → {info['bytes']} bytes")
-    print(f"\nCrashes, timeouts, incorrect outputs, size growth ({len(problems)}):")
-    for p in problems or ["(none)"]:
-        print(f"  - {p}")
+    print_problems(records, tools)
 
-    ratios: dict[str, Any] = {}
-    if "onnxshrink" in tools:
-        big = [r for r in records if r["original"]["nodes"] >= BIG_MODEL_NODES]
-        subsets = [("all", records)] + ([(f">= {BIG_MODEL_NODES} nodes", big)] if big else [])
-        print("\nGeometric-mean ratios onnxshrink / competitor (models where both ran; nodes and size only "
-              "where both outputs are correct or unverifiable; nodes counted as max(n, 1)):")
-        rows = []
-        for rival, (subset, recs) in [(t, s) for s in subsets for t in tools if t != "onnxshrink"]:
-            both = [r for r in recs if r["tools"]["onnxshrink"].get("status") == "ok"
-                    and r["tools"][rival].get("status") == "ok"]
-            good = [r for r in both if r["tools"]["onnxshrink"].get("correct") is not False
-                    and r["tools"][rival].get("correct") is not False]
-            def ratio(key: str, rs: list[dict[str, Any]], floor: float = 0.0) -> float | None:
-                return geomean([max(r["tools"]["onnxshrink"][key], floor) / max(r["tools"][rival][key], floor)
-                                for r in rs if r["tools"]["onnxshrink"].get(key) is not None
-                                and r["tools"][rival].get(key) is not None])
-            def delta(r: dict[str, Any], tool: str) -> float | None:
-                info = r["tools"][tool]
-                if info.get("baseline_rss") is None:
-                    return None
-                return max(info["peak_rss"] - info["baseline_rss"], 1 << 20)
-            mem_delta = geomean([delta(r, "onnxshrink") / delta(r, rival) for r in both
-                                 if delta(r, "onnxshrink") and delta(r, rival)])
-            entry = {
-                "models": len(both), "models_correct": len(good),
-                "nodes": ratio("nodes", good, 1.0), "bytes": ratio("bytes", good),
-                "seconds": ratio("seconds", both), "peak_rss": ratio("peak_rss", both),
-                "peak_rss_above_imports": mem_delta,
-            }
-            ratios.setdefault(subset, {})[rival] = entry
-            f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-            rows.append([subset, f"onnxshrink / {rival}", f"{len(both)} ({len(good)})", f(entry["nodes"]),
-                         f(entry["bytes"]), f(entry["seconds"]), f(entry["peak_rss"]),
-                         f(entry["peak_rss_above_imports"])])
-        print(_table(["models", "ratio", "n (correct)", "nodes", "size", "time", "peak RSS", "RSS above imports"],
-                     rows))
-        print("  (< 1 means onnxshrink is smaller / faster / leaner; time = tool call, file to file, "
-              "imports excluded;\n   peak RSS = whole child process incl. imports; 'above imports' = peak − RSS "
-              "after importing the tool, floored at 1 MiB)")
-        totals = []
-        for tool in tools:
-            ran = [r["tools"][tool] for r in records if r["tools"][tool].get("seconds") is not None]
-            imp = [i["import_seconds"] for i in ran if i.get("import_seconds") is not None]
-            base = [i["baseline_rss"] for i in ran if i.get("baseline_rss") is not None]
-            totals.append([tool, f"{sum(i['seconds'] for i in ran):.1f}",
-                           f"{(sum(imp) / len(imp)) if imp else 0:.2f}",
-                           _bytes(sum(base) / len(base)) if base else "-",
-                           _bytes(max((i.get("peak_rss") or 0) for i in ran)) if ran else "-"])
-        print("\nPer tool totals:")
-        print(_table(["tool", "sum time s", "mean import s", "RSS after import", "max peak RSS"], totals))
+    ratios = print_ratios(records, tools) if "onnxshrink" in tools else {}
+    print_totals(records, tools)
     return {"verdicts": dict(counts), "ratios": ratios}
 
 
@@ -893,6 +929,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds per tool run (default 300)")
     parser.add_argument("--json", metavar="OUT", help="write every measurement to this JSON file")
     parser.add_argument("--keep", metavar="DIR", help="keep the optimized models and logs in DIR")
+    parser.add_argument("--from-json", metavar="FILE",
+                        help="print the summary of a run saved with --json (runs nothing)")
+    parser.add_argument("--per-model", action="store_true", help="with --from-json: also the per-model tables")
     parser.add_argument("--worker", nargs=3, metavar=("TOOL", "MODEL", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--check", nargs="+", metavar="MODEL", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -906,6 +945,15 @@ def main(argv: list[str] | None = None) -> int:
         if len(args.check) < 2:
             parser.error("--check needs the original model and at least one output")
         return check_main(args.check[0], args.check[1:])
+
+    if args.from_json:
+        payload = json.loads(Path(args.from_json).read_text())
+        tools = payload.get("tools") or list(TOOLS)
+        if args.per_model:
+            for record in payload["models"]:
+                print_model(record, tools)
+        print_summary(payload["models"], tools)
+        return 0
 
     tools = [t.strip() for t in args.tools.split(",") if t.strip()]
     unknown = [t for t in tools if t not in RUNNERS]
@@ -928,7 +976,8 @@ def main(argv: list[str] | None = None) -> int:
         except Exception:  # noqa: BLE001
             versions[tool] = "?"
     print(f"bench_fold: {len(models)} models, tools {', '.join(f'{t} {versions[t]}' for t in tools)}, "
-          f"timeout {args.timeout:.0f} s, correctness: rel L2 ≤ {REL_L2_TOL:g} in onnxruntime")
+          f"timeout {args.timeout:.0f} s, correct = rel L2 ≤ {REL_L2_TOL:g} in onnxruntime "
+          f"(onnx.reference where onnxruntime cannot run the original)")
     for note in notes:
         print(f"  note: {note}")
 
@@ -953,7 +1002,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = print_summary(records, tools) if records else {}
     print(f"\ntotal benchmark time {time.perf_counter() - started:.0f} s")
     if args.json:
-        payload = {"versions": versions, "tolerance": REL_L2_TOL, "notes": notes,
+        payload = {"tools": tools, "versions": versions, "tolerance": REL_L2_TOL, "notes": notes,
                    "summary": summary, "models": records}
         Path(args.json).write_text(json.dumps(payload, indent=1, default=str))
         print(f"wrote {args.json}")
