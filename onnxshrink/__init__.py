@@ -23,6 +23,7 @@ from typing import Any, Callable
 import numpy as np
 import onnx
 import onnx_ir as ir
+from onnx_ir.passes import common as ir_common
 
 from onnxshrink.calib import Dataset, input_specs, load_data, synthetic_data
 from onnxshrink.errors import (
@@ -222,7 +223,8 @@ def optimize(
             save_model(m, ref_path)
         declared = snapshot_annotations(m)
         try:
-            ir.passes.common.ShapeInferencePass(strict_mode=False)(m)
+            ir_common.ShapeInferencePass(strict_mode=False)(m)
+            context.cache["shapes_current"] = True  # the first pass need not infer them again
         except Exception:
             notes.append("shape inference failed on the input: MACs may be incomplete")
         before = model_stats(m)

@@ -327,6 +327,8 @@ def run_pipeline(
                 hint="rerun with --debug for the traceback, and report it with the model if you can",
             ) from e
         seconds = time.perf_counter() - start
+        if result.modified:
+            context.cache.pop("shapes_current", None)  # shapes may be stale for the next pass
         after = model_stats(model)
         record = PassRecord(
             name=step.name,

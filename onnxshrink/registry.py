@@ -57,7 +57,9 @@ class PassContext:
         data: calibration/validation data (:class:`onnxshrink.calib.Dataset`) or None.
         input_shapes: user-given shapes for dynamic inputs, ``{name: [dims]}``.
         progress: optional callback ``progress(label, done, total)`` for long work.
-        cache: a dict passes may use to share expensive results within one run.
+        cache: a dict passes may use to share expensive results within one run. The pipeline sets
+            ``shapes_current`` when value shapes were just inferred and clears it after a pass that
+            modified the model.
     """
 
     data: Any = None

@@ -37,6 +37,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common as ir_common
 
+from onnxshrink.model import constant_tensors
 from onnxshrink.registry import ShrinkPass, option, register
 
 __all__ = ["FoldOptions", "FoldPass", "PROTECTED_OPS"]
@@ -220,6 +221,8 @@ class FoldPass(ShrinkPass):
             self.decline(reason, node)
 
     def _infer_shapes(self, model: ir.Model) -> None:
+        if self.context.cache.pop("shapes_current", False):
+            return  # the pipeline inferred shapes on this very graph and nothing changed it since
         try:
             ir_common.ShapeInferencePass(strict_mode=False)(model)
         except Exception as e:  # custom ops or odd models: fold still works, with fewer shapes known
@@ -790,7 +793,7 @@ def _drop_folder_metadata(model: ir.Model) -> None:
 
 
 def _weight_bytes(model: ir.Model) -> int:
-    return sum(v.const_value.nbytes for g in model.graphs() for v in g.initializers.values() if v.const_value is not None)
+    return sum(t.nbytes for _, t in constant_tensors(model))
 
 
 def _size_estimate(model: ir.Model) -> int:
