@@ -12,6 +12,7 @@ A :class:`Dataset` reads its files one chunk at a time, so memory does not grow 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 from pathlib import Path
@@ -21,6 +22,8 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxshrink.errors import DataError, UsageError
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "InputSpec",
@@ -356,3 +359,46 @@ def synthetic_data(
             )
         arrays[spec.name] = arr
     return Dataset([lambda: arrays], num_samples, "synthetic"), notes
+
+
+class StatsStore:
+    """A folder of ``<key>.npz`` files holding statistics worth keeping between runs (calibration).
+
+    Each entry is a dict ``{tensor_name: {field: array}}``. Writes are atomic (temp file + rename); a
+    corrupt or unreadable entry is treated as missing. The default folder is ``$ONNXSHRINK_CACHE_DIR``
+    or ``~/.cache/onnxshrink``; ``ONNXSHRINK_CACHE_DIR=off`` disables the store.
+    """
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+
+    @classmethod
+    def default(cls) -> StatsStore | None:
+        """The store the CLI and :func:`onnxshrink.optimize` use, or None when disabled."""
+        env = os.environ.get("ONNXSHRINK_CACHE_DIR")
+        if env is not None and env.strip().lower() in ("", "off", "0", "none"):
+            return None
+        root = Path(env) if env else Path.home() / ".cache" / "onnxshrink"
+        return cls(root / "calib")
+
+    def get(self, key: str) -> dict[str, dict[str, np.ndarray]] | None:
+        path = self.root / f"{key}.npz"
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                out: dict[str, dict[str, np.ndarray]] = {}
+                for k in z.files:
+                    tensor, _, field = k.rpartition("::")
+                    out.setdefault(tensor, {})[field] = z[k]
+                return out
+        except (OSError, ValueError, KeyError):
+            return None
+
+    def put(self, key: str, entry: dict[str, dict[str, np.ndarray]]) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            flat = {f"{t}::{f}": a for t, d in entry.items() for f, a in d.items()}
+            tmp = self.root / f".{key}.{os.getpid()}.tmp.npz"
+            np.savez(tmp, **flat)
+            os.replace(tmp, self.root / f"{key}.npz")
+        except OSError as e:  # a cache that cannot be written is not an error
+            logger.debug("calibration cache not written: %s", e)

@@ -60,12 +60,17 @@ class PassContext:
         cache: a dict passes may use to share expensive results within one run. The pipeline sets
             ``shapes_current`` when value shapes were just inferred and clears it after a pass that
             modified the model.
+        labels: ground-truth labels for the data (``--labels``), one per sample, or None.
+        store: a persistent key→arrays store (:class:`onnxshrink.calib.StatsStore`) for statistics
+            worth keeping between runs (calibration), or None. Passes never touch files themselves.
     """
 
     data: Any = None
     input_shapes: dict[str, list[int]] = dataclasses.field(default_factory=dict)
     progress: Callable[[str, int, int], None] | None = None
     cache: dict[str, Any] = dataclasses.field(default_factory=dict)
+    labels: Any = None
+    store: Any = None
 
 
 class ShrinkResult(ir.passes.PassResult):
