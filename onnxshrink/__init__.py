@@ -25,7 +25,7 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes import common as ir_common
 
-from onnxshrink.calib import Dataset, input_specs, load_data, synthetic_data
+from onnxshrink.calib import Dataset, StatsStore, input_specs, load_data, synthetic_data
 from onnxshrink.errors import (
     DataError,
     InputError,
@@ -50,7 +50,7 @@ from onnxshrink.model import (
 from onnxshrink.pipeline import DEFAULT_PIPELINE, Step, format_pipeline, parse, run_pipeline
 from onnxshrink.registry import PassContext
 from onnxshrink.report import Report
-from onnxshrink.validate import Tolerances, ValidationResult, compare_models
+from onnxshrink.validate import Tolerances, ValidationResult, compare_models, measure_latency
 
 __version__ = "0.1.0"
 
@@ -87,8 +87,8 @@ class OptimizeResult:
 
     @property
     def ok(self) -> bool:
-        """False if validation ran and failed."""
-        return self.report.verdict != "failed"
+        """False if validation ran and failed, or ``require_faster`` was set and the result is slower."""
+        return self.report.verdict not in ("failed", "slower")
 
     def save(self, path: str | os.PathLike, *, force: bool = False) -> Path:
         """Write the optimized model to ``path`` atomically.
@@ -150,6 +150,31 @@ def _as_dataset(data: Any, model: ir.Model) -> Dataset | None:
     return load_data(data, specs)
 
 
+def _as_labels(labels: Any, dataset: Dataset | None) -> np.ndarray | None:
+    if labels is None:
+        return None
+    if dataset is None:
+        raise UsageError("--labels needs --data", hint="labels give the ground truth of the --data samples")
+    if isinstance(labels, (str, os.PathLike)):
+        try:
+            arr = np.load(os.fspath(labels), allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise DataError(f"cannot read labels {os.fspath(labels)}: {e}",
+                            hint="give a .npy file with one integer label per sample") from e
+        if isinstance(arr, np.lib.npyio.NpzFile):
+            raise DataError("labels must be a .npy array, not an .npz", hint="np.save('labels.npy', y)")
+    else:
+        arr = np.asarray(labels)
+    arr = arr.reshape(-1)
+    if arr.dtype.kind not in "iu":
+        raise DataError(f"labels have dtype {arr.dtype}, expected integers (class indices)",
+                        hint="save class indices, e.g. np.save('labels.npy', y.astype('int64'))")
+    if len(arr) != dataset.num_samples:
+        raise DataError(f"{len(arr)} labels for {dataset.num_samples} samples",
+                        hint="give exactly one label per sample of --data, in the same order")
+    return arr
+
+
 def optimize(
     model: ModelSource,
     passes: str | list[Step] | None = None,
@@ -161,6 +186,10 @@ def optimize(
     tolerance: float | Tolerances | None = None,
     output: str | os.PathLike | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    labels: Any = None,
+    latency: bool | None = None,
+    require_faster: bool = False,
+    cache: bool = True,
 ) -> OptimizeResult:
     """Optimize a model with a pipeline of passes and validate the result against the original.
 
@@ -177,6 +206,13 @@ def optimize(
             the largest tolerance of the pipeline's passes.
         output: where :meth:`OptimizeResult.save` will write (lets validation run on the final file).
         progress: callback ``(label, done, total)`` for long work.
+        labels: ground truth for ``data`` (a .npy path or an array, one label per sample), used by
+            accuracy-driven options such as ``quant(max_drop=..., metric=accuracy)``.
+        latency: measure onnxruntime CPU latency of the original and the result side by side
+            (default: when the pipeline has a pass other than ``fold``).
+        require_faster: fail (``ok`` False, exit code 3 in the CLI) if the result is measurably slower.
+        cache: keep calibration statistics between runs (``$ONNXSHRINK_CACHE_DIR``, default
+            ``~/.cache/onnxshrink``) so a re-run with other options reuses them.
 
     Returns:
         An :class:`OptimizeResult` (``.report``, ``.save()``, ``.model``).
@@ -205,7 +241,9 @@ def optimize(
                 raise UsageError(f"--tol names unknown output {unknown[0]!r}",
                                  hint=f"the model's outputs are {', '.join(sorted(map(repr, names)))}")
         dataset = _as_dataset(data, m)
-        context = PassContext(data=dataset, input_shapes=dict(input_shapes or {}), progress=progress)
+        label_array = _as_labels(labels, dataset)
+        context = PassContext(data=dataset, input_shapes=dict(input_shapes or {}), progress=progress,
+                              labels=label_array, store=StatsStore.default() if cache else None)
         for step in steps:
             if step.info.cls.needs_data and dataset is None:
                 raise UsageError(f"pass {step.name!r} needs --data", pass_name=step.name,
@@ -259,6 +297,19 @@ def optimize(
             validation.notes = notes + validation.notes
             notes = []
         after.file_bytes = _file_bytes(artifact)
+        measured = None
+        if latency is None:
+            latency = any(s.name != "fold" for s in steps) or require_faster
+        if latency and ref_path is not None:
+            lat_data = val_data if val_data is not None else synthetic_data(specs, input_shapes)[0]
+            measured = [x for x in (measure_latency(ref_path, artifact, lat_data, batch=1),
+                                    measure_latency(ref_path, artifact, lat_data, batch=32)) if x is not None]
+            measured = list({x.batch: x for x in measured}.values())
+            for lat in measured:
+                if lat.slower:
+                    notes.append(f"SLOWER: the result takes {lat.after_ms:.3f} ms vs {lat.before_ms:.3f} ms "
+                                 f"for the original at batch {lat.batch} (x{lat.ratio:.2f}, onnxruntime CPU, "
+                                 f"{lat.threads} thread)")
         report = Report(
             input=input_path or "<in-memory model>",
             output=None,
@@ -270,6 +321,8 @@ def optimize(
             seconds=time.perf_counter() - start,
             notes=notes,
             version=__version__,
+            latency=measured,
+            require_faster=require_faster,
         )
         ok = True
         return OptimizeResult(m, report, artifact, workdir)

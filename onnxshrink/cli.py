@@ -46,6 +46,20 @@ def _setup_logging(debug: bool, quiet: bool) -> None:
         logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.ERROR)
 
 
+def _with_max_drop(steps: list, max_drop: float) -> list:
+    """Set ``max_drop`` on the pipeline's quant step (the option it maps to)."""
+    import dataclasses
+
+    quants = [i for i, s in enumerate(steps) if s.name == "quant"]
+    if not quants:
+        raise UsageError("--max-drop needs a quant pass in --passes",
+                         hint="e.g. --passes fold,quant(mode=static) --max-drop 0.5")
+    out = list(steps)
+    for i in quants:
+        out[i] = dataclasses.replace(out[i], options=dataclasses.replace(out[i].options, max_drop=max_drop))
+    return out
+
+
 def _default_output(model: Path) -> Path:
     return model.with_name(model.stem + ".small.onnx")
 
@@ -62,6 +76,10 @@ def optimize(
     validate_each: bool = typer.Option(False, "--validate-each", help="compare after every pass and name the one that breaks"),
     force: bool = typer.Option(False, "--force", help="write the output even if validation fails (exit code stays 3)"),
     report: Optional[Path] = typer.Option(None, "--report", help="also write the report: .json or .md"),
+    labels: Optional[Path] = typer.Option(None, "--labels", help=".npy of integer labels, one per --data sample"),
+    max_drop: Optional[float] = typer.Option(None, "--max-drop", help="accuracy budget for quant: sets quant(max_drop=...) (points of top-1/accuracy, or 1-cosine)"),
+    require_faster: bool = typer.Option(False, "--require-faster", help="fail (exit 3) if the result is slower than the original in onnxruntime"),
+    latency: Optional[bool] = typer.Option(None, "--latency/--no-latency", help="measure ORT CPU latency before/after [default: when a pass other than fold runs]"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="print only errors"),
     debug: bool = typer.Option(False, "--debug", help="debug logging and tracebacks"),
 ) -> int:
@@ -74,6 +92,8 @@ def optimize(
 
     _setup_logging(debug, quiet)
     steps = parse(passes if passes is not None else DEFAULT_PIPELINE)
+    if max_drop is not None:
+        steps = _with_max_drop(steps, max_drop)
     out = output or _default_output(model)
     check_output_path(out, [model])
     if report is not None and report.suffix.lower() not in (".json", ".md"):
@@ -91,6 +111,9 @@ def optimize(
         validate_each=validate_each,
         tolerance=tolerances,
         output=out,
+        labels=labels,
+        latency=latency,
+        require_faster=require_faster,
     )
     try:
         failed = not result.ok
@@ -104,6 +127,13 @@ def optimize(
             os.replace(tmp, report)
         if not quiet:
             rep.render(Console(highlight=False))
+        if failed and rep.verdict == "slower":
+            worst = max(rep.latency or [], key=lambda x: x.ratio)
+            _err.print(f"error: the result is slower than the original ({worst.after_ms:.3f} ms vs "
+                       f"{worst.before_ms:.3f} ms at batch {worst.batch}) and --require-faster was given")
+            _err.print(f"hint: written anyway to {out} because of --force" if force else
+                       "hint: nothing was written; try format=qop, other passes, or drop --require-faster")
+            return 3
         if failed:
             _err.print(f"error: validation failed: {rep.validation.reason if rep.validation else ''}")
             if force:

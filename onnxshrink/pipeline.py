@@ -264,6 +264,7 @@ class PassRecord:
     counters: dict[str, int]
     declines: dict[str, int]
     validation: Any = None
+    details: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """JSON-ready dict with stable keys."""
@@ -282,6 +283,7 @@ class PassRecord:
             "macs_after": self.after.macs,
             "counters": dict(self.counters),
             "declines": dict(self.declines),
+            "details": dict(self.details),
             "validation": self.validation.to_dict() if self.validation is not None else None,
         }
 
@@ -339,6 +341,7 @@ def run_pipeline(
             after=after,
             counters=dict(getattr(result, "stats", {}).get("counters", {})),
             declines=dict(getattr(result, "stats", {}).get("declines", {})),
+            details={k: v for k, v in getattr(result, "stats", {}).items() if k not in ("counters", "declines")},
         )
         logger.info("%s: %d -> %d nodes in %.3fs", step.name, stats.nodes, after.nodes, seconds)
         records.append(record)

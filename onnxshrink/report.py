@@ -52,11 +52,22 @@ class Report:
     seconds: float
     notes: list[str] = dataclasses.field(default_factory=list)
     version: str = ""
+    latency: list[Any] | None = None
+    require_faster: bool = False
+
+    @property
+    def slower(self) -> bool:
+        """True if a latency measurement found the result measurably slower than the original."""
+        return any(lat.slower for lat in self.latency or [])
 
     @property
     def verdict(self) -> str:
-        """``passed``, ``failed``, ``skipped`` (ORT could not run the original) or ``not run``."""
-        return "not run" if self.validation is None else self.validation.status
+        """``passed``, ``failed``, ``skipped`` (ORT could not run the original), ``not run``, or
+        ``slower`` (validation passed but ``require_faster`` was set and the result is slower)."""
+        v = "not run" if self.validation is None else self.validation.status
+        if v != "failed" and self.require_faster and self.slower:
+            return "slower"
+        return v
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict with the documented, stable keys."""
@@ -73,6 +84,7 @@ class Report:
             "after": self.after.to_dict(),
             "passes": [p.to_dict() for p in self.passes],
             "validation": self.validation.to_dict() if self.validation is not None else None,
+            "latency": [lat.to_dict() for lat in self.latency] if self.latency is not None else None,
             "notes": list(self.notes),
         }
 
@@ -93,7 +105,8 @@ class Report:
 
     @staticmethod
     def _pass_detail(p: PassRecord) -> str:
-        parts = [f"{k}={v}" for k, v in sorted(p.counters.items())]
+        parts = [f"{k}: {_brief(v)}" for k, v in p.details.items()]
+        parts += [f"{k}={v}" for k, v in sorted(p.counters.items())]
         parts += [f"declined '{k}' x{v}" for k, v in sorted(p.declines.items())]
         return "; ".join(parts) if parts else ("no change" if not p.modified else "")
 
@@ -131,6 +144,10 @@ class Report:
                     f"{'-' if o.snr_db is None else f'{o.snr_db:.1f}'} | {'-' if o.top1 is None else f'{o.top1:.4f}'} | "
                     f"{o.tolerance:.3g} | {'yes' if o.passed else 'NO'} |"
                 )
+        if self.latency:
+            lines += ["", "## Latency (onnxruntime CPU)", "", "| batch | before ms | after ms | ratio |",
+                      "|---:|---:|---:|---:|"]
+            lines += [f"| {x.batch} | {x.before_ms:.3f} | {x.after_ms:.3f} | {x.ratio:.2f} |" for x in self.latency]
         if self.notes:
             lines += ["", "## Notes", ""] + [f"- {n}" for n in self.notes]
         return "\n".join(lines) + "\n"
@@ -172,8 +189,26 @@ class Report:
                            "-" if o.top1 is None else f"{o.top1:.4f}", f"{o.tolerance:.3g}",
                            "[green]yes[/green]" if o.passed else "[red]NO[/red]")
             console.print(vt)
+        if self.latency:
+            lt = Table(title="latency (onnxruntime CPU, median)", show_header=True, header_style="bold")
+            for col in ("batch", "before", "after", "ratio"):
+                lt.add_column(col, justify="right")
+            for x in self.latency:
+                lt.add_row(str(x.batch), f"{x.before_ms:.3f} ms", f"{x.after_ms:.3f} ms",
+                           f"[red]{x.ratio:.2f}x[/red]" if x.slower else f"{x.ratio:.2f}x")
+            console.print(lt)
         color = {"passed": "green", "failed": "red"}.get(self.verdict, "yellow")
         for i, line in enumerate(self._validation_lines()):
             console.print(f"[{color}]{escape(line)}[/{color}]" if i == 0 else escape(line), highlight=False)
         for n in self.notes:
-            console.print(f"note: {escape(n)}", highlight=False)
+            style = "bold red" if n.startswith("SLOWER") else None
+            console.print(f"[{style}]note: {escape(n)}[/{style}]" if style else f"note: {escape(n)}", highlight=False)
+
+
+def _brief(value: Any) -> str:
+    """A one-line rendering of a pass detail value."""
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_brief(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(map(str, value)) + "]"
+    return str(value)

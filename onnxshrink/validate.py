@@ -28,7 +28,8 @@ import numpy as np
 from onnxshrink.calib import Dataset
 from onnxshrink.errors import UsageError
 
-__all__ = ["Tolerances", "OutputMetrics", "ValidationResult", "compare_models", "parse_tolerances", "make_session"]
+__all__ = ["Tolerances", "OutputMetrics", "ValidationResult", "compare_models", "parse_tolerances", "make_session",
+           "Latency", "measure_latency"]
 
 logger = logging.getLogger(__name__)
 
@@ -331,3 +332,63 @@ def compare_models(
     return ValidationResult(status, reason, samples=samples, source=data.source, outputs=metrics,
                             seconds=time.perf_counter() - start)
 
+
+
+@dataclasses.dataclass
+class Latency:
+    """onnxruntime CPU latency of the original and the optimized model, measured side by side."""
+
+    before_ms: float
+    after_ms: float
+    batch: int
+    runs: int
+    threads: int = 1
+
+    @property
+    def ratio(self) -> float:
+        """after / before (below 1: faster)."""
+        return self.after_ms / self.before_ms if self.before_ms > 0 else float("nan")
+
+    @property
+    def slower(self) -> bool:
+        """True if the optimized model is measurably slower (more than 5%, beyond timing noise)."""
+        return self.ratio > 1.05
+
+    def to_dict(self) -> dict:
+        return {"before_ms": round(self.before_ms, 4), "after_ms": round(self.after_ms, 4),
+                "ratio": round(self.ratio, 4), "batch": self.batch, "runs": self.runs, "threads": self.threads,
+                "slower": self.slower}
+
+
+def measure_latency(ref_path: str | os.PathLike, cand_path: str | os.PathLike, data: Dataset, *,
+                    batch: int = 1, runs: int = 50, threads: int = 1) -> Latency | None:
+    """Median latency of both models on the same feed, runs interleaved so load affects both alike.
+
+    Returns None when either model cannot run in onnxruntime on that feed.
+    """
+    import onnxruntime as ort
+
+    def session(path: str | os.PathLike) -> Any:
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        return ort.InferenceSession(os.fspath(path), so, providers=["CPUExecutionProvider"])
+
+    try:
+        ref, cand = session(ref_path), session(cand_path)
+        batchable = batch > 1 and _batchable(ref) and _batchable(cand)
+        feed = next(iter(data.batches(batch, batchable)))
+        n = len(next(iter(feed.values()))) if feed and batchable else 1
+        for s in (ref, cand):
+            for _ in range(3):
+                s.run(None, feed)
+        times: dict[int, list[float]] = {0: [], 1: []}
+        for _ in range(runs):
+            for i, s in enumerate((ref, cand)):
+                t = time.perf_counter()
+                s.run(None, feed)
+                times[i].append(time.perf_counter() - t)
+    except Exception:  # noqa: BLE001 - latency is informative; validation reports run failures
+        return None
+    return Latency(float(np.median(times[0]) * 1000), float(np.median(times[1]) * 1000), n, runs, threads)

@@ -303,35 +303,35 @@ def _percentile_abs(ahist: np.ndarray, amax: float, tail: float) -> float:
 
 
 def _kl_threshold(ahist: np.ndarray, amax: float, levels: int = 128) -> float:
-    """TensorRT-style entropy calibration on a histogram of |x| (returns the clipping threshold)."""
-    n = len(ahist)
-    # work on a coarser histogram for speed (512 bins)
-    factor = max(1, n // 512)
-    h = ahist[: (n // factor) * factor].reshape(-1, factor).sum(axis=1)
+    """Entropy calibration on a histogram of |x|: the clipping threshold whose ``levels``-level
+    quantization keeps the distribution closest in KL divergence (outliers folded into the last bin,
+    empty quantized bins smoothed so the divergence stays finite)."""
+    h = ahist.astype(np.float64)
     n = len(h)
-    best, best_i = math.inf, n
-    total = h.sum()
-    if total == 0:
+    if h.sum() == 0:
         return amax
-    for i in range(levels, n + 1, max(1, (n - levels) // 64)):
+    best, best_i = math.inf, n
+    candidates = sorted(set(np.linspace(levels, n, 96).astype(int).tolist()))
+    eps = 1e-4
+    for i in candidates:
         p = h[:i].copy()
         p[i - 1] += h[i:].sum()
-        nonzero = p > 0
-        # quantize the first i bins into `levels` levels
-        chunks = np.array_split(np.arange(i), levels)
+        edges = np.linspace(0, i, levels + 1).astype(int)
         q = np.zeros(i)
-        for c in chunks:
-            seg = h[c]
-            nz = seg > 0
-            if nz.any():
-                q[c[nz]] = seg.sum() / nz.sum()
+        seg_nonzero = np.add.reduceat((h[:i] > 0).astype(np.float64), edges[:-1])
+        seg_sum = np.add.reduceat(h[:i], edges[:-1])
+        per = np.where(seg_nonzero > 0, seg_sum / np.maximum(seg_nonzero, 1), 0.0)
+        idx = np.repeat(np.arange(levels), np.diff(edges))
+        q = np.where(h[:i] > 0, per[idx], 0.0)
         ps = p / p.sum()
         qs = q / q.sum() if q.sum() > 0 else q
-        mask = nonzero & (qs > 0)
-        if (nonzero & ~(qs > 0)).any():
-            kl = math.inf if not mask.any() else float(np.sum(ps[mask] * np.log(ps[mask] / qs[mask]))) + 1.0
-        else:
-            kl = float(np.sum(ps[mask] * np.log(ps[mask] / qs[mask])))
+        # smooth: give empty bins where p > 0 a little mass
+        zero = (qs == 0) & (ps > 0)
+        if zero.any():
+            qs = qs * (1 - eps * zero.sum() / max(1, (qs > 0).sum())) if (qs > 0).any() else qs
+            qs[zero] = eps
+        mask = ps > 0
+        kl = float(np.sum(ps[mask] * np.log(ps[mask] / qs[mask])))
         if kl < best:
             best, best_i = kl, i
     return best_i / n * amax
@@ -342,7 +342,7 @@ def _mse_range(hist, centers, lo, hi, symmetric) -> tuple[float, float]:
     best, best_r = math.inf, (lo, hi)
     p = hist / hist.sum()
     levels = 255.0
-    for frac in np.linspace(0.3, 1.0, 71):
+    for frac in np.concatenate([np.geomspace(0.01, 0.3, 30, endpoint=False), np.linspace(0.3, 1.0, 71)]):
         a, b = (lo * frac, hi * frac)
         if symmetric:
             m = max(-lo, hi) * frac
@@ -753,7 +753,7 @@ class QuantPass(ShrinkPass):
             for node, _slot in uses:
                 out = node.outputs[0]
                 new = self._node("MatMulNBits", [node.inputs[0], bv, sv],
-                                 {"K": k, "N": n, "bits": 4, "block_size": bs, "accuracy_level": 4},
+                                 {"K": k, "N": n, "bits": 4, "block_size": bs, "accuracy_level": 0},
                                  domain=_MS, name=f"{node.name or 'MatMul'}_NBits")
                 node.graph.insert_before(node, [new])
                 new.outputs[0].dtype = ir.DataType.FLOAT

@@ -1,0 +1,595 @@
+"""quant: positive, negative and numeric tests on built models and the shipped digits/BERT models.
+
+Tolerances are derived from the quantization step: weight-only int8 with per-channel scales
+``s_c = max|W_c|/127`` changes each weight by at most ``s_c/2``, i.e. ≤ 0.4% of the channel's largest
+weight, so outputs of a single layer move by ≤ ~1% relative L2 (we assert 2%); static int8 adds
+activation rounding of ``s/2`` per value (256 levels), so the shipped nets must keep their task
+accuracy (the issue's budgets: 0.3/0.5 pt) and cosine ≥ 0.995.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import tracemalloc
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import onnxshrink
+from conftest import MODELS, rel_l2, run_ort
+from onnxshrink.calib import Dataset
+from onnxshrink.passes.quant import (
+    QuantOptions,
+    QuantPass,
+    TensorStats,
+    activation_qparams,
+    check_qdq_rules,
+    choose_range,
+    quantize_weight,
+)
+from onnxshrink.registry import PassContext
+
+CALIB = MODELS / "digits_calib.npz"
+TEST = MODELS / "digits_test.npz"
+SEQ_CALIB = MODELS / "digits_seq_calib.npz"
+SEQ_TEST = MODELS / "digits_seq_test.npz"
+
+
+@pytest.fixture(autouse=True)
+def _cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("ONNXSHRINK_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def ops(proto: onnx.ModelProto) -> collections.Counter:
+    c = collections.Counter(n.op_type for n in proto.graph.node)
+    return c
+
+
+def dataset(arrays: dict[str, np.ndarray]) -> Dataset:
+    """A Dataset of single-sample feeds (each sample keeps its own batch axis of 1)."""
+    chunk = {k: v[:, None] for k, v in arrays.items()}
+    n = len(next(iter(arrays.values())))
+    return Dataset([lambda: chunk], n, "test")
+
+
+def quant(proto: onnx.ModelProto, data: Dataset | None = None, labels=None, **options):
+    model = ir.from_proto(proto)
+    p = QuantPass(QuantOptions(**options), PassContext(data=data, labels=labels))
+    result = p(model)
+    out = ir.to_proto(result.model)
+    onnx.checker.check_model(out)
+    return out, result.stats
+
+
+def accuracy(path_or_proto, x: np.ndarray, labels: np.ndarray, name: str = "input") -> float:
+    y = np.concatenate([run_ort(path_or_proto, {name: x[i:i + 100]})[0] for i in range(0, len(x), 100)])
+    return float(np.mean(y.argmax(axis=1) == labels) * 100)
+
+
+def outputs(path_or_proto, x: np.ndarray, name: str = "input") -> np.ndarray:
+    return np.concatenate([run_ort(path_or_proto, {name: x[i:i + 100]})[0] for i in range(0, len(x), 100)])
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
+    return float(np.mean(np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))))
+
+
+def conv_net(opset: int = 17, *, scales=(1.0, 1.0), relu=True, outlier: float = 0.0) -> onnx.ModelProto:
+    """x[1,4,8,8] → Conv(8) → Relu → Conv(8) → GlobalAveragePool → Flatten → Gemm(10)."""
+    rng = np.random.default_rng(0)
+    w1 = (rng.normal(size=(8, 4, 3, 3)) * 0.3).astype(np.float32)
+    w1 *= np.array([scales[0] ** i for i in range(8)], np.float32).reshape(8, 1, 1, 1) / scales[0] ** 4
+    w2 = (rng.normal(size=(8, 8, 3, 3)) * 0.2).astype(np.float32)
+    w3 = (rng.normal(size=(10, 8)) * 0.5).astype(np.float32)
+    inits = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(rng.normal(size=8).astype(np.float32) * 0.1, "b1"),
+             numpy_helper.from_array(w2, "w2"), numpy_helper.from_array(np.zeros(8, np.float32), "b2"),
+             numpy_helper.from_array(w3, "w3"), numpy_helper.from_array(np.zeros(10, np.float32), "b3")]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1")]
+    nodes.append(helper.make_node("Relu" if relu else "Identity", ["c1"], ["r1"], name="act1"))
+    nodes += [helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1], name="conv2"),
+              helper.make_node("GlobalAveragePool", ["c2"], ["p"], name="gap"),
+              helper.make_node("Flatten", ["p"], ["f"], name="flat"),
+              helper.make_node("Gemm", ["f", "w3", "b3"], ["y"], transB=1, name="fc")]
+    g = helper.make_graph(nodes, "net", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 10])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def conv_data(n: int = 64, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, 4, 8, 8)).astype(np.float32)
+
+
+# -- numeric helpers ---------------------------------------------------------------------------------
+
+
+def test_quantize_weight_per_channel_error_is_half_a_step():
+    w = np.random.default_rng(0).normal(size=(16, 3, 3, 3)).astype(np.float32)
+    w[3] *= 100  # one channel with a far larger range must not coarsen the others
+    q, s = quantize_weight(w, 0)
+    assert q.dtype == np.int8 and s.shape == (16,)
+    err = np.abs(q.astype(np.float32) * s.reshape(-1, 1, 1, 1) - w)
+    assert np.all(err <= s.reshape(-1, 1, 1, 1) / 2 + 1e-7)
+    assert np.abs(q).max() <= 127
+    q7, s7 = quantize_weight(w, 0, bits=7)
+    assert np.abs(q7).max() <= 63
+
+
+def test_activation_qparams_per_target():
+    s, z = activation_qparams(-1.0, 3.0, "cpu")
+    assert z.dtype == np.uint8 and s == pytest.approx(4 / 255) and int(z) == round(1 / (4 / 255))
+    s, z = activation_qparams(-1.0, 3.0, "tensorrt")
+    assert z.dtype == np.int8 and int(z) == 0 and s == pytest.approx(3 / 127)
+    s, z = activation_qparams(0.0, 0.0, "cpu")  # a constant-zero tensor still gets a valid scale
+    assert s > 0
+
+
+def _stats(x: np.ndarray) -> TensorStats:
+    st = TensorStats()
+    for chunk in np.array_split(x, 7):
+        st.add_minmax(chunk, None)
+    for chunk in np.array_split(x, 7):
+        st.add_hist(chunk)
+    return st
+
+
+def test_choose_range_methods_clip_outliers():
+    x = np.random.default_rng(0).normal(size=200_000).astype(np.float32)
+    x[:5] = 60.0  # rare outliers
+    st = _stats(x)
+    assert choose_range(st, "minmax", 99.99, False) == (pytest.approx(float(x.min())), pytest.approx(60.0))
+    for method in ("percentile", "entropy"):
+        lo, hi = choose_range(st, method, 99.99, False)
+        assert 2.5 < hi < 20, (method, hi)  # the outliers are clipped, the bulk is kept
+        assert lo < -2.5
+    # mse clips where that lowers the expected squared error: heavy tails (Laplace) get clipped
+    lap = np.random.default_rng(2).laplace(size=200_000).astype(np.float32)
+    st_lap = _stats(lap)
+    lo, hi = choose_range(st_lap, "mse", 99.99, False)
+    assert 3.0 < hi < 0.9 * float(lap.max()) and lo > 0.9 * float(lap.min())
+    lo, hi = choose_range(st, "percentile", 99.99, True)
+    assert lo == pytest.approx(-hi, rel=0.05) or lo == pytest.approx(float(x.min()))
+
+
+def test_streaming_stats_do_not_depend_on_chunking():
+    x = np.random.default_rng(1).normal(size=(64, 8, 5, 5)).astype(np.float32)
+    a, b = TensorStats(), TensorStats()
+    a.add_minmax(x, 1)
+    for chunk in np.array_split(x, 9):
+        b.add_minmax(chunk, 1)
+    assert (a.lo, a.hi) == (b.lo, b.hi)
+    np.testing.assert_allclose(a.channel_mean(), x.mean(axis=(0, 2, 3)), rtol=1e-5)
+    np.testing.assert_allclose(b.channel_mean(), a.channel_mean(), rtol=1e-6)
+
+
+# -- weights mode ------------------------------------------------------------------------------------
+
+
+def test_weights_mode_quantizes_every_weight_per_channel():
+    proto = conv_net()
+    out, stats = quant(proto, mode="weights")
+    c = ops(out)
+    assert c["DequantizeLinear"] == 3 and c["QuantizeLinear"] == 0
+    assert stats["counters"]["weights_quantized"] == 3
+    inits = {i.name: numpy_helper.to_array(i) for i in out.graph.initializer}
+    int8 = [a for a in inits.values() if a.dtype == np.int8]
+    assert len(int8) == 3 and not any(a.dtype == np.float32 and a.size >= 72 for a in inits.values() if a.ndim == 4)
+    dq_axes = [helper.get_attribute_value(a) for n in out.graph.node if n.op_type == "DequantizeLinear"
+               for a in n.attribute if a.name == "axis"]
+    assert sorted(dq_axes) == [0, 0, 0]  # Conv axis 0, Gemm transB=1 → axis 0
+    x = conv_data()
+    ref, got = run_ort(proto, {"x": x})[0], run_ort(out, {"x": x})[0]
+    assert rel_l2(ref, got) < 0.02
+
+
+def test_weights_mode_is_default_without_data_and_needs_no_data():
+    out, stats = quant(conv_net())
+    assert stats["mode"] == "weights"
+
+
+def test_weights_shared_with_unquantized_node_is_declined():
+    proto = conv_net()
+    proto.graph.node.append(helper.make_node("ReduceSum", ["w3"], ["w3sum"], keepdims=0))
+    proto.graph.output.append(helper.make_tensor_value_info("w3sum", TensorProto.FLOAT, []))
+    out, stats = quant(proto, mode="weights")
+    assert stats["declines"]["weight shared with a node that is not quantized"] == 1
+    assert "w3" in {i.name for i in out.graph.initializer}
+
+
+def test_weights_with_nan_are_left_float_and_counted():
+    proto = conv_net()
+    w = numpy_helper.to_array(proto.graph.initializer[2]).copy()
+    w[0, 0, 0, 0] = np.nan
+    proto.graph.initializer[2].CopyFrom(numpy_helper.from_array(w, "w2"))
+    out, stats = quant(proto, mode="weights")
+    assert stats["declines"]["weight holds NaN/Inf: left float"] == 1
+    assert stats["counters"]["weights_quantized"] == 2
+
+
+def test_int4_matmul_nbits_matches_blockwise_reference():
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(64, 24)).astype(np.float32)
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "mm",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 24])],
+                          [numpy_helper.from_array(w, "w")])
+    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    out, stats = quant(proto, mode="weights", bits=4, block_size=32)
+    assert ops(out)["MatMulNBits"] == 1 and stats["counters"]["weights_int4_matmulnbits"] == 1
+    # reference: symmetric int4 per 32-row block and column
+    blocks = w.reshape(2, 32, 24)
+    s = np.abs(blocks).max(axis=1) / 7
+    deq = (np.clip(np.rint(blocks / s[:, None, :]), -8, 7) * s[:, None, :]).reshape(64, 24)
+    x = rng.normal(size=(5, 64)).astype(np.float32)
+    got = run_ort(out, {"x": x})[0]
+    assert rel_l2(x @ deq, got) < 1e-3
+    assert rel_l2(x @ w, got) < 0.15
+
+
+def test_int4_blocked_dequantize_at_opset_21():
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(64, 16)).astype(np.float32)
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "mm",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 16])],
+                          [numpy_helper.from_array(w, "w")])
+    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    out, stats = quant(proto, mode="weights", bits=4, target="tensorrt")
+    dq = [n for n in out.graph.node if n.op_type == "DequantizeLinear"]
+    assert len(dq) == 1 and {a.name for a in dq[0].attribute} == {"axis", "block_size"}
+    x = rng.normal(size=(3, 64)).astype(np.float32)
+    assert rel_l2(x @ w, run_ort(out, {"x": x})[0]) < 0.15
+    # below opset 21 it falls back to 8 bits and says so
+    proto17 = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    out17, stats17 = quant(proto17, mode="weights", bits=4, target="tensorrt")
+    assert any("opset 21" in k for k in stats17["declines"])
+
+
+# -- old opsets, Constant weights, subgraphs ----------------------------------------------------------
+
+
+def test_opset11_constant_weights_and_if_subgraph():
+    path = MODELS / "cnn_opset11_const_if.onnx"
+    result = onnxshrink.optimize(str(path), passes="quant(mode=static)", data=str(CALIB), latency=False)
+    assert result.ok, result.report.validation.reason
+    rec = result.report.passes[0]
+    assert rec.counters["constant_weights_lifted"] > 0
+    assert rec.counters["subgraph_weights_weight_only"] >= 1  # weights inside the If body are quantized
+    assert rec.after.opset == 13 and "opset_upgraded" in rec.details
+    proto = ir.to_proto(result.model)
+    onnx.checker.check_model(proto)
+    x = np.load(TEST)["input"]
+    labels = np.load(MODELS / "digits_test_labels.npy")
+    assert accuracy(str(path), x, labels) - accuracy(proto, x, labels) <= 1.0
+    # weights-only also upgrades the opset (per-channel axis needs 13) and quantizes inside the If
+    res_w = onnxshrink.optimize(str(path), passes="quant(mode=weights)", latency=False)
+    assert res_w.ok
+    sub = [n for g in res_w.model.graphs() if g is not res_w.model.graph for n in g if n.op_type == "DequantizeLinear"]
+    assert sub, "no DequantizeLinear inside the If branches"
+
+
+def test_opset11_upgrade_converts_axes_attributes_exactly():
+    w = np.random.default_rng(0).normal(size=(6, 3, 1, 1)).astype(np.float32)
+    nodes = [helper.make_node("Unsqueeze", ["x"], ["u"], axes=[3]),
+             helper.make_node("Conv", ["u", "w"], ["c"]),
+             helper.make_node("Squeeze", ["c"], ["y"], axes=[3])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 5])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 6, 5])],
+                          [numpy_helper.from_array(w, "w")])
+    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 11)])
+    out, stats = quant(proto, mode="weights")
+    assert out.opset_import[0].version == 13 and stats["counters"]["opset_upgraded"] == 1
+    assert all(len(n.input) == 2 for n in out.graph.node if n.op_type in ("Squeeze", "Unsqueeze"))
+    x = np.random.default_rng(1).normal(size=(2, 3, 5)).astype(np.float32)
+    assert rel_l2(run_ort(proto, {"x": x})[0], run_ort(out, {"x": x})[0]) < 0.02
+
+
+def test_old_softmax_axis_blocks_upgrade_and_uses_per_channel_mul():
+    w = np.random.default_rng(0).normal(size=(6, 3, 1, 1)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Softmax", ["c"], ["y"], axis=1)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 6, 4, 4])],
+                          [numpy_helper.from_array(w, "w")])
+    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 11)])
+    out, stats = quant(proto, mode="weights")
+    assert out.opset_import[0].version == 11
+    assert "per_channel" in stats and ops(out)["Mul"] == 1
+    assert not any(a.name == "axis" for n in out.graph.node if n.op_type == "DequantizeLinear" for a in n.attribute)
+    x = np.random.default_rng(1).normal(size=(2, 3, 4, 4)).astype(np.float32)
+    assert rel_l2(run_ort(proto, {"x": x})[0], run_ort(out, {"x": x})[0]) < 0.02
+
+
+# -- dynamic -----------------------------------------------------------------------------------------
+
+
+def test_dynamic_bert_keeps_cosine_and_skips_conv():
+    x = np.load(SEQ_TEST)["input"]
+    result = onnxshrink.optimize(str(MODELS / "bert_tiny.onnx"), passes="fold,quant(mode=dynamic)", latency=False)
+    proto = ir.to_proto(result.model)
+    c = ops(proto)
+    assert c["DynamicQuantizeLinear"] > 0 and c["MatMulInteger"] == c["DynamicQuantizeLinear"]
+    assert c["ConvInteger"] == 0
+    assert cosine(outputs(str(MODELS / "bert_tiny.onnx"), x), outputs(proto, x)) >= 0.995
+    out, stats = quant(conv_net(), mode="dynamic")
+    assert stats["counters"]["conv_kept_float"] == 2 and ops(out)["ConvInteger"] == 0
+    assert check_qdq_rules(ir.from_proto(out), "cpu") == []
+
+
+def test_dynamic_refused_for_tensorrt():
+    with pytest.raises(onnxshrink.UsageError, match="DynamicQuantizeLinear"):
+        quant(conv_net(), mode="dynamic", target="tensorrt")
+
+
+# -- static ------------------------------------------------------------------------------------------
+
+
+def test_static_needs_data():
+    with pytest.raises(onnxshrink.UsageError, match="needs calibration data"):
+        quant(conv_net(), mode="static")
+
+
+def test_static_placement_and_ort_fusion():
+    x = conv_data()
+    out, stats = quant(conv_net(), dataset({"x": x}), mode="static")
+    c = ops(out)
+    # activations into conv1, conv2 (after Relu), gap/flatten/gemm chain: one Q per quantized tensor
+    assert c["QuantizeLinear"] == stats["counters"]["activations_quantized"] >= 3
+    q_inputs = {n.input[0] for n in out.graph.node if n.op_type == "QuantizeLinear"}
+    assert "x" in q_inputs and "r1" in q_inputs and "c1" not in q_inputs  # after the Relu, not before
+    ref = run_ort(conv_net(), {"x": x})[0]
+    assert rel_l2(ref, run_ort(out, {"x": x})[0]) < 0.05
+
+
+@pytest.mark.parametrize("name,budget", [("digits_cnn", 0.5), ("digits_resnet", 0.5), ("digits_mobilenetv2", 0.3)])
+def test_static_digits_accuracy_within_budget(name, budget):
+    path = str(MODELS / f"{name}.onnx")
+    result = onnxshrink.optimize(path, passes="fold,quant(mode=static)", data=str(CALIB), latency=False)
+    assert result.ok
+    proto = ir.to_proto(result.model)
+    x, labels = np.load(TEST)["input"], np.load(MODELS / "digits_test_labels.npy")
+    assert accuracy(path, x, labels) - accuracy(proto, x, labels) <= budget
+    assert result.report.after.weight_bytes <= 0.30 * result.report.before.weight_bytes
+
+
+def test_static_bert_cosine():
+    x = np.load(SEQ_TEST)["input"]
+    path = str(MODELS / "bert_tiny.onnx")
+    result = onnxshrink.optimize(path, passes="fold,quant(mode=static)", data=str(SEQ_CALIB), latency=False)
+    proto = ir.to_proto(result.model)
+    assert ops(proto)["QuantizeLinear"] > 0
+    assert cosine(outputs(path, x), outputs(proto, x)) >= 0.995
+    # Softmax / LayerNormalization / Erf stay float: none of their inputs come from a DequantizeLinear
+    producers = {o: n.op_type for n in proto.graph.node for o in n.output}
+    for n in proto.graph.node:
+        if n.op_type in ("Softmax", "LayerNormalization", "Erf"):
+            assert all(producers.get(i) != "DequantizeLinear" for i in n.input), n.op_type
+
+
+def test_static_concat_inputs_share_one_range():
+    rng = np.random.default_rng(0)
+    wa = rng.normal(size=(4, 3, 1, 1)).astype(np.float32)
+    wb = (rng.normal(size=(4, 3, 1, 1)) * 10).astype(np.float32)
+    wc = rng.normal(size=(5, 8, 1, 1)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "wa"], ["a"]), helper.make_node("Conv", ["x", "wb"], ["b"]),
+             helper.make_node("Concat", ["a", "b"], ["cat"], axis=1), helper.make_node("Conv", ["cat", "wc"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 4, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 5, 4, 4])],
+                          [numpy_helper.from_array(a, n) for a, n in ((wa, "wa"), (wb, "wb"), (wc, "wc"))])
+    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    x = rng.normal(size=(32, 3, 4, 4)).astype(np.float32)
+    out, _ = quant(proto, dataset({"x": x}), mode="static", cle=False)
+    inits = {i.name: numpy_helper.to_array(i) for i in out.graph.initializer}
+    scales = {n.input[0]: float(inits[n.input[1]]) for n in out.graph.node if n.op_type == "QuantizeLinear"}
+    assert scales["a"] == scales["b"] == scales["cat"]
+
+
+def test_cle_is_exact_and_equalizes_ranges():
+    proto = conv_net(scales=(3.0, 1.0))
+    x = conv_data()
+    model = ir.from_proto(proto)
+    p = QuantPass(QuantOptions(mode="static"), PassContext(data=dataset({"x": x})))
+    p._taken, p._exclude = set(), []
+    assert p._cle(model)
+    out = ir.to_proto(model)
+    assert rel_l2(run_ort(proto, {"x": x})[0], run_ort(out, {"x": x})[0]) < 1e-5
+    w1 = numpy_helper.to_array(next(i for i in out.graph.initializer if i.name == "w1"))
+    r1 = np.abs(w1.reshape(8, -1)).max(axis=1)
+    w1_before = numpy_helper.to_array(proto.graph.initializer[0])
+    before = np.abs(w1_before.reshape(8, -1)).max(axis=1)
+    assert r1.max() / r1.min() < before.max() / before.min() / 10
+
+
+def test_cle_declines_clip():
+    proto = conv_net()
+    for n in proto.graph.node:
+        if n.op_type == "Relu":
+            n.op_type = "Clip"
+            n.input.extend(["lo", "hi"])
+    proto.graph.initializer.extend([numpy_helper.from_array(np.array(0, np.float32), "lo"),
+                                    numpy_helper.from_array(np.array(6, np.float32), "hi")])
+    _, stats = quant(proto, dataset({"x": conv_data()}), mode="static")
+    assert stats["declines"]["CLE: Clip (ReLU6) is not scale-equivariant"] == 1
+
+
+def test_bias_correction_removes_output_mean_shift():
+    # inputs with a large mean make the weight rounding shift the outputs' mean
+    x = (conv_data(256) + 3.0).astype(np.float32)
+    proto = conv_net()
+    ref = run_ort(proto, {"x": x})[0]
+    errs = {}
+    for bc in (False, True):
+        out, stats = quant(proto, dataset({"x": x}), mode="static", bias_correction=bc, cle=False,
+                           reduce_range="on")
+        errs[bc] = np.abs((run_ort(out, {"x": x})[0] - ref).mean(axis=0)).mean()
+    assert stats["counters"]["bias_corrected"] >= 2
+    assert errs[True] < errs[False]
+
+
+def test_qop_format_emits_qlinear_ops():
+    x = conv_data()
+    out, stats = quant(conv_net(), dataset({"x": x}), mode="static", format="qop")
+    c = ops(out)
+    assert c["QLinearConv"] == 2 and stats["counters"]["qop_QLinearConv"] == 2
+    assert c["Relu"] == 0  # folded into the uint8 output range of the first QLinearConv
+    assert rel_l2(run_ort(conv_net(), {"x": x})[0], run_ort(out, {"x": x})[0]) < 0.05
+
+
+def test_qop_refused_for_tensorrt():
+    with pytest.raises(onnxshrink.UsageError, match="QDQ only"):
+        quant(conv_net(), dataset({"x": conv_data()}), mode="static", format="qop", target="tensorrt")
+
+
+@pytest.mark.parametrize("target", ["cpu", "mobile", "tensorrt"])
+def test_targets_follow_their_rules(target):
+    out, _ = quant(conv_net(), dataset({"x": conv_data()}), mode="static", target=target)
+    model = ir.from_proto(out)
+    assert check_qdq_rules(model, target) == []
+    zps = {n.input[2] for n in out.graph.node if n.op_type == "QuantizeLinear"}
+    inits = {i.name: numpy_helper.to_array(i) for i in out.graph.initializer}
+    dtypes = {inits[z].dtype for z in zps}
+    if target == "tensorrt":
+        assert dtypes == {np.dtype(np.int8)} and all(int(inits[z]) == 0 for z in zps)
+    else:
+        assert dtypes == {np.dtype(np.uint8)}
+    run_ort(out, {"x": conv_data(2)})  # loads and runs on the CPU provider
+
+
+def test_rule_checker_catches_violations():
+    out, _ = quant(conv_net(), dataset({"x": conv_data()}), mode="static", target="cpu")
+    problems = check_qdq_rules(ir.from_proto(out), "tensorrt")
+    assert any("zero point must be 0" in p or "uint8" in p for p in problems)
+    dyn, _ = quant(conv_net(), mode="dynamic")
+    assert any("DynamicQuantizeLinear" in p for p in check_qdq_rules(ir.from_proto(dyn), "tensorrt"))
+
+
+def test_exclude_keeps_named_nodes_float():
+    out, stats = quant(conv_net(), dataset({"x": conv_data()}), mode="static", exclude="conv2|fc")
+    producers = {o: n.op_type for n in out.graph.node for o in n.output}
+    conv2 = next(n for n in out.graph.node if n.name == "conv2")
+    assert producers.get(conv2.input[1]) != "DequantizeLinear"
+    assert stats["declines"]["excluded by name"] >= 2
+
+
+# -- max_drop fallback ------------------------------------------------------------------------------
+
+
+def test_max_drop_falls_back_the_sensitive_layer():
+    # conv2's input has one channel with a huge range: per-tensor uint8 wipes out the others
+    proto = conv_net()
+    w1 = numpy_helper.to_array(proto.graph.initializer[0]).copy()
+    w1[0] *= 400.0
+    w2 = numpy_helper.to_array(proto.graph.initializer[2]).copy()
+    w2[:, 0] /= 400.0
+    proto.graph.initializer[0].CopyFrom(numpy_helper.from_array(w1, "w1"))
+    proto.graph.initializer[2].CopyFrom(numpy_helper.from_array(w2, "w2"))
+    x = conv_data(128)
+    ref = run_ort(proto, {"x": x})[0]
+    base, _ = quant(proto, dataset({"x": x}), mode="static", cle=False, calib="minmax")
+    base_drop = 1 - cosine(ref, run_ort(base, {"x": x})[0])
+    budget = base_drop / 10
+    out, stats = quant(proto, dataset({"x": x}), mode="static", cle=False, calib="minmax", max_drop=budget,
+                       metric="cosine")
+    info = stats["max_drop"]
+    assert info["met"] and info["float_layers"] and info["drop_final"] <= budget < info["drop_all_int8"]
+    assert "conv2" in info["float_layers"]
+    assert 1 - cosine(ref, run_ort(out, {"x": x})[0]) <= budget * 1.01
+    assert stats["counters"]["layers_float_fallback"] == len(info["float_layers"])
+
+
+def test_max_drop_with_labels_uses_accuracy():
+    x = conv_data(64)
+    labels = run_ort(conv_net(), {"x": x})[0].argmax(axis=1)
+    _, stats = quant(conv_net(), dataset({"x": x}), labels=labels, mode="static", max_drop=100.0)
+    assert stats["max_drop"]["metric"] == "accuracy" and stats["max_drop"]["float_layers"] == []
+
+
+def test_max_drop_needs_data_and_static():
+    with pytest.raises(onnxshrink.UsageError):
+        quant(conv_net(), mode="weights", max_drop=0.5)
+
+
+# -- calibration: cache and memory ------------------------------------------------------------------
+
+
+def test_calibration_cache_is_reused_across_methods(tmp_path):
+    path = str(MODELS / "digits_cnn.onnx")
+    r1 = onnxshrink.optimize(path, passes="fold,quant(mode=static,calib=entropy)", data=str(CALIB),
+                             validate=False, latency=False)
+    assert "calibration_cache_hits" not in r1.report.passes[1].counters
+    r2 = onnxshrink.optimize(path, passes="fold,quant(mode=static,calib=mse,target=tensorrt)", data=str(CALIB),
+                             validate=False, latency=False)
+    assert r2.report.passes[1].counters["calibration_cache_hits"] == 1
+    r3 = onnxshrink.optimize(path, passes="fold,quant(mode=static,calib=mse)", data=str(CALIB),
+                             validate=False, latency=False, cache=False)
+    assert "calibration_cache_hits" not in r3.report.passes[1].counters
+
+
+def test_calibration_memory_does_not_grow_with_samples(monkeypatch):
+    monkeypatch.setenv("ONNXSHRINK_CACHE_DIR", "off")
+    x = np.load(CALIB)["input"]
+    path = str(MODELS / "digits_resnet.onnx")
+    peaks = {}
+    for n in (16, 256):
+        data = dataset({"input": np.concatenate([x] * 2)[:n] if n > len(x) else x[:n]})
+        tracemalloc.start()
+        onnxshrink.optimize(path, passes=f"quant(mode=static,calib=percentile,samples={n})", data=data,
+                            validate=False, latency=False)
+        peaks[n] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert peaks[256] < peaks[16] * 1.10 + (1 << 20), peaks
+
+
+# -- CLI and latency gate ----------------------------------------------------------------------------
+
+
+def cli(*args) -> int:
+    from onnxshrink.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main([str(a) for a in args])
+    return 0 if exc.value.code is None else exc.value.code
+
+
+def test_cli_labels_max_drop_and_report(tmp_path):
+    out = tmp_path / "q.onnx"
+    rep = tmp_path / "r.json"
+    code = cli(*["optimize", str(MODELS / "digits_cnn.onnx"), "--passes", "fold,quant(mode=static)", "--data",
+                 str(CALIB), "--labels", str(MODELS / "digits_calib_labels.npy"), "--max-drop", "0.5",
+                 "-o", str(out), "--report", str(rep), "-q"])
+    assert code == 0 and out.exists()
+    import json
+
+    d = json.loads(rep.read_text())
+    q = d["passes"][1]
+    assert q["details"]["max_drop"]["metric"] == "accuracy" and q["details"]["max_drop"]["met"]
+    assert d["latency"] and {x["batch"] for x in d["latency"]} == {1, 32}
+
+
+def test_cli_max_drop_without_quant_is_usage_error(tmp_path, capsys):
+    code = cli(*["optimize", str(MODELS / "digits_cnn.onnx"), "--max-drop", "1", "-o", str(tmp_path / "o.onnx")])
+    assert code == 2 and "needs a quant pass" in capsys.readouterr().err
+
+
+def test_cli_bad_labels(tmp_path, capsys):
+    bad = tmp_path / "l.npy"
+    np.save(bad, np.zeros(3, np.int64))
+    code = cli(*["optimize", str(MODELS / "digits_cnn.onnx"), "--passes", "quant", "--data", str(CALIB),
+                 "--labels", str(bad), "-o", str(tmp_path / "o.onnx")])
+    assert code == 2 and "labels for" in capsys.readouterr().err
+
+
+def test_require_faster_fails_when_slower(tmp_path, monkeypatch, capsys):
+    import onnxshrink as pkg
+    from onnxshrink.validate import Latency
+
+    monkeypatch.setattr(pkg, "measure_latency", lambda *a, batch=1, **k: Latency(1.0, 2.0, batch, 5))
+    out = tmp_path / "o.onnx"
+    code = cli(*["optimize", str(MODELS / "digits_cnn.onnx"), "--passes", "quant", "-o", str(out),
+                 "--require-faster", "-q"])
+    assert code == 3 and not out.exists() and "slower" in capsys.readouterr().err
+    code = cli(*["optimize", str(MODELS / "digits_cnn.onnx"), "--passes", "quant", "-o", str(out), "-q"])
+    assert code == 0 and out.exists()  # without the flag it is a loud note, not a failure
