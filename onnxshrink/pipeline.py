@@ -264,6 +264,7 @@ class PassRecord:
     counters: dict[str, int]
     declines: dict[str, int]
     validation: Any = None
+    layers: list[dict] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict:
         """JSON-ready dict with stable keys."""
@@ -282,6 +283,7 @@ class PassRecord:
             "macs_after": self.after.macs,
             "counters": dict(self.counters),
             "declines": dict(self.declines),
+            "layers": list(self.layers),
             "validation": self.validation.to_dict() if self.validation is not None else None,
         }
 
@@ -339,6 +341,7 @@ def run_pipeline(
             after=after,
             counters=dict(getattr(result, "stats", {}).get("counters", {})),
             declines=dict(getattr(result, "stats", {}).get("declines", {})),
+            layers=list(getattr(result, "stats", {}).get("layers", [])),
         )
         logger.info("%s: %d -> %d nodes in %.3fs", step.name, stats.nodes, after.nodes, seconds)
         records.append(record)
