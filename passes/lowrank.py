@@ -1014,8 +1014,9 @@ class _ProbeSession:
         try:
             for layer in layers:
                 old = layer.node.inputs[layer.w_index]
-                tensor = _const_tensor(old)
                 name = _fresh(names, f"lowrank_probe_{len(added)}")
+                # a copy: serializing renames the tensor object, which the original value must keep
+                tensor = ir.tensor(_const_tensor(old).numpy(), name=name)
                 v = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype),
                              const_value=tensor)
                 graph.register_initializer(v)
@@ -1091,7 +1092,7 @@ def _measure_latency(p: LowrankPass, model: ir.Model, layer: _Layer) -> tuple[fl
                 elif v is None:
                     inputs.append(None)
                 else:
-                    t = _const_tensor(v)
+                    t = ir.tensor(_const_tensor(v).numpy(), name=f"w{i}")  # a copy (see _ProbeSession)
                     c = ir.Value(name=f"w{i}", shape=ir.Shape(t.shape), type=ir.TensorType(t.dtype), const_value=t)
                     inits.append(c)
                     inputs.append(c)
