@@ -337,7 +337,8 @@ def test_optimize_api_on_digits_cnn_reports_layers():
     assert {r["reason"] for r in lr.layers} >= {"split"}
     d = json.loads(rep.to_json())
     assert d["passes"][1]["layers"][0]["layer"]
-    assert "lowrank" in rep.to_markdown()
+    md = rep.to_markdown()
+    assert "### lowrank: per layer" in md and "`/fc1/Gemm`" in md
     x = np.load(data)["input"][:64]
     a = run_ort(str(MODELS / "digits_cnn.onnx"), {"input": x})[0]
     proto = ir.to_proto(result.model)
