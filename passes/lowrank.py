@@ -352,6 +352,28 @@ class LowrankPass(ShrinkPass):
             return max(1.5 * options.budget, 1e-5)
         return cls.tolerance
 
+    @classmethod
+    def applicability(cls, model: ir.Model) -> str:
+        """How many Gemm/MatMul/Conv layers have a constant, unshared float weight (weights not read)."""
+        n = params = 0
+        for node in model.graph:
+            if node.domain not in _ONNX or node.op_type not in ("MatMul", "Gemm", "Conv"):
+                continue
+            for i in ((0, 1) if node.op_type != "Conv" else (1,)):
+                v = node.inputs[i] if len(node.inputs) > i else None
+                t = _const_tensor(v)
+                if t is None or t.dtype not in _FLOATS or len(v.uses()) > 1:
+                    continue
+                shape = [int(d) for d in t.shape.numpy()]
+                if node.op_type == "Conv" and len(shape) > 1 and shape[1] == 1 and node.attributes.get_int("group", 1) > 1:
+                    continue
+                n += 1
+                params += int(np.prod(shape))
+                break
+        if not n:
+            return "no Gemm/MatMul/Conv with a constant weight"
+        return f"{n} Gemm/MatMul/Conv layer(s) with constant weights ({params:,} params) could be split"
+
     def run(self, model: ir.Model) -> bool:
         o: LowrankOptions = self.options
         data = self.context.data
