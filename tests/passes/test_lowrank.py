@@ -353,3 +353,30 @@ def test_bert_tiny_budget_keeps_outputs_close():
     assert rep.verdict == "passed"
     assert rep.after.params < 0.75 * rep.before.params
     assert rep.validation.outputs[0].cosine >= 0.98
+
+
+@pytest.mark.parametrize("auto_pad", ["NOTSET", "SAME_UPPER", "SAME_LOWER"])
+def test_im2col_rows_reproduce_conv(auto_pad):
+    """The patch rows the asvd covariance is built from, times the group matrices, are the Conv itself."""
+    from onnxshrink.passes.lowrank import _conv_pads, _patch_rows
+
+    g, cin, cout = 2, 6, 8
+    w = RNG.standard_normal((cout, cin // g, 3, 2)).astype(np.float32)
+    dil = [1, 2] if auto_pad == "NOTSET" else [1, 1]  # onnxruntime refuses dilation with SAME padding
+    attrs = dict(group=g, strides=[2, 1], dilations=dil)
+    if auto_pad == "NOTSET":
+        attrs["pads"] = [1, 0, 2, 1]
+    else:
+        attrs["auto_pad"] = auto_pad
+    m = make([helper.make_node("Conv", ["x", "w"], ["y"], **attrs)], [vi("x", [2, cin, 9, 7])],
+             [vi("y", [2, cout, None, None])], [arr("w", w)])
+    x = RNG.standard_normal((2, cin, 9, 7)).astype(np.float32)
+    y = run_ort(m, {"x": x})[0]
+    node = ir.from_proto(m).graph.node(0)
+    pads = _conv_pads(node, [9, 7], [3, 2], [2, 1], dil)
+    rows = _patch_rows(x.astype(np.float64), (3, 2), (2, 1), tuple(pads), tuple(dil), g)
+    mg = cout // g
+    for gi, r in enumerate(rows):
+        got = r @ w[gi * mg:(gi + 1) * mg].reshape(mg, -1).T.astype(np.float64)  # [N·Ho·Wo, mg]
+        ref = np.moveaxis(y[:, gi * mg:(gi + 1) * mg], 1, -1).reshape(-1, mg)
+        assert np.abs(got - ref).max() < 1e-4
