@@ -268,7 +268,7 @@ def optimize(
         before = model_stats(m)
         before.file_bytes = _file_bytes(Path(input_path)) if input_path else None
         tol = tolerance if isinstance(tolerance, Tolerances) else Tolerances(
-            tolerance if tolerance is not None else max(s.info.cls.tolerance for s in steps)
+            tolerance if tolerance is not None else max(s.info.cls.validation_tolerance(s.options) for s in steps)
         )
         out_name = Path(os.fspath(output)).name if output is not None else "model.onnx"
         artifact = Path(workdir) / "out" / out_name

@@ -100,7 +100,7 @@ def optimize(
         raise UsageError(f"--report {report}: unknown format", hint="use a .json or .md file name")
     if report is not None:
         check_output_path(report, [model, out])
-    default_tol = max(s.info.cls.tolerance for s in steps)
+    default_tol = max(s.info.cls.validation_tolerance(s.options) for s in steps)
     tolerances = parse_tolerances(tol, default_tol)
     result = onnxshrink.optimize(
         model,

@@ -265,6 +265,7 @@ class PassRecord:
     declines: dict[str, int]
     validation: Any = None
     details: dict[str, Any] = dataclasses.field(default_factory=dict)
+    layers: list[dict] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict:
         """JSON-ready dict with stable keys."""
@@ -284,6 +285,7 @@ class PassRecord:
             "counters": dict(self.counters),
             "declines": dict(self.declines),
             "details": dict(self.details),
+            "layers": list(self.layers),
             "validation": self.validation.to_dict() if self.validation is not None else None,
         }
 
@@ -341,7 +343,9 @@ def run_pipeline(
             after=after,
             counters=dict(getattr(result, "stats", {}).get("counters", {})),
             declines=dict(getattr(result, "stats", {}).get("declines", {})),
-            details={k: v for k, v in getattr(result, "stats", {}).items() if k not in ("counters", "declines")},
+            details={k: v for k, v in getattr(result, "stats", {}).items()
+                     if k not in ("counters", "declines", "layers")},
+            layers=list(getattr(result, "stats", {}).get("layers", [])),
         )
         logger.info("%s: %d -> %d nodes in %.3fs", step.name, stats.nodes, after.nodes, seconds)
         records.append(record)

@@ -104,6 +104,8 @@ class ShrinkPass(ir.passes.InPlacePass):
         self.context = context or PassContext()
         self.counters: collections.Counter[str] = collections.Counter()
         self.declines: collections.Counter[str] = collections.Counter()
+        #: Optional per-item table (one dict per layer/group considered), reported as ``stats["layers"]``.
+        self.details: list[dict[str, Any]] = []
 
     def count(self, key: str, n: int = 1) -> None:
         """Add ``n`` to counter ``key`` of this run's stats."""
@@ -122,9 +124,15 @@ class ShrinkPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ShrinkResult:
         self.counters.clear()
         self.declines.clear()
+        self.details = []
         modified = bool(self.run(model))
-        stats = {"counters": dict(self.counters), "declines": dict(self.declines)}
+        stats = {"counters": dict(self.counters), "declines": dict(self.declines), "layers": list(self.details)}
         return ShrinkResult(model, modified, stats)
+
+    @classmethod
+    def validation_tolerance(cls, options: Any) -> float:
+        """The relative-L2 tolerance this pass declares for ``options`` (default: ``cls.tolerance``)."""
+        return cls.tolerance
 
     @classmethod
     def applicability(cls, model: ir.Model) -> str:

@@ -134,6 +134,16 @@ class Report:
                 f"{_human_bytes(p.before.weight_bytes)} → {_human_bytes(p.after.weight_bytes)} | {p.seconds:.3f} s | "
                 f"{self._pass_detail(p)} |"
             )
+        for p in self.passes:
+            if p.layers:
+                lines += ["", f"### {p.name}: per layer", "", "| layer | op | weight | rank | params saved | MACs saved | reason |",
+                          "|---|---|---|---:|---:|---:|---|"]
+                for r in p.layers:
+                    shape = "x".join(map(str, r.get("shape") or [])) or "-"
+                    rank = r.get("rank")
+                    rank = "-" if rank is None else ("x".join(map(str, rank)) if isinstance(rank, list) else str(rank))
+                    lines.append(f"| `{r.get('layer')}` | {r.get('op')} | {shape} | {rank} | {_num(r.get('params_saved'))} | "
+                                 f"{_num(r.get('macs_saved'))} | {r.get('reason')} |")
         lines += ["", "## Validation", ""] + [f"- {x.strip()}" for x in self._validation_lines()]
         if self.validation is not None and self.validation.outputs:
             lines += ["", "| output | rel L2 | max abs | cosine | SNR dB | top-1 agree | tolerance | ok |",

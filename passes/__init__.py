@@ -4,6 +4,8 @@ Each module holds one pass and registers it under one name; importing this packa
 in the order ``onnxshrink passes`` lists them.
 """
 
-from onnxshrink.passes import fold, quant  # noqa: F401
+from onnxshrink.passes import fold  # noqa: F401
+from onnxshrink.passes import lowrank  # noqa: F401
+from onnxshrink.passes import quant  # noqa: F401
 
-__all__ = ["fold", "quant"]
+__all__ = ["fold", "lowrank", "quant"]
