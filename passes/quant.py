@@ -17,8 +17,10 @@ Modes
   op (Conv, Gemm, MatMul, Add, Concat, pooling, Resize and data-movement ops) gets one
   ``QuantizeLinear → DequantizeLinear`` pair with a calibrated range ``[lo, hi]``:
   ``cpu``/``mobile``: uint8 asymmetric, ``s = (hi − lo)/255``, ``z = round(−lo/s)``;
-  ``tensorrt``: int8 symmetric, ``s = max(|lo|, |hi|)/127``, ``z = 0``. Conv/Gemm biases become int32 with
-  ``s_b = s_x · s_W`` (float for tensorrt). Concat inputs and outputs share one range (the union) so the
+  ``tensorrt``: int8 symmetric, ``s = max(|lo|, |hi|)/127``, ``z = 0``. Biases stay float in QDQ
+  (onnxruntime still fuses QLinearConv; it saves a scale per channel); ``format=qop`` makes them int32
+  with ``s_b = s_x · s_W`` as QLinearConv requires. On x86 without VNNI the u8s8 integer kernels sum
+  pairs of products in int16 and saturate, so ``target=cpu`` uses 7-bit weights (``reduce_range``). Concat inputs and outputs share one range (the union) so the
   concat moves int8 without requantizing; data-movement ops share their input's range. Softmax,
   LayerNormalization, GELU/Erf, Div, Pow, reductions and everything not listed stay float.
   ``format=qop`` then rewrites ``DQ → Conv/MatMul/Add → Q`` patterns into QLinearConv, QLinearMatMul and
@@ -429,6 +431,10 @@ class QuantPass(ShrinkPass):
     """Quantization; see the module docstring for the math, modes and preconditions."""
 
     tolerance = 0.15
+
+    @classmethod
+    def applicability(cls, model: ir.Model) -> str:
+        return _applicability(model)
 
     @classmethod
     def validation_tolerance(cls, options: QuantOptions) -> float:
@@ -1362,6 +1368,19 @@ class QuantPass(ShrinkPass):
         """The drop of ``model`` against the float reference, in the metric's units."""
         outs = _run_outputs(model, self.context.data, self.options.samples)
         return _drop(ref, outs, self.context)
+
+
+def _applicability(model: ir.Model) -> str:
+    n, nbytes = 0, 0
+    for node in _all_nodes(model):
+        if _is_onnx(node, *WEIGHT_OPS):
+            for v in node.inputs[:2]:
+                if v is not None and v.const_value is not None and v.const_value.dtype == ir.DataType.FLOAT:
+                    n += 1
+                    nbytes += v.const_value.nbytes
+    if not n:
+        return "no float Conv/Gemm/MatMul weights to quantize"
+    return f"{n} Conv/Gemm/MatMul weight(s), {nbytes:,} B float → about {nbytes // 4:,} B int8"
 
 
 def _is_activation(v: ir.Value | None) -> bool:
