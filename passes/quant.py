@@ -492,6 +492,10 @@ class QuantPass(ShrinkPass):
         self._remove_unused(model)
         for node in self._unnamed:
             node.name = None
+        problems = check_qdq_rules(model, o.target)
+        self.stats_extra["target_check"] = f"{o.target}: ok" if not problems else f"{o.target}: " + "; ".join(problems[:3])
+        if problems:
+            self.decline(f"output breaks {o.target} rules")
         return changed
 
     def call(self, model: ir.Model):  # noqa: D102 - adds the extra stats

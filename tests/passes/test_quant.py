@@ -445,9 +445,10 @@ def test_qop_refused_for_tensorrt():
 
 @pytest.mark.parametrize("target", ["cpu", "mobile", "tensorrt"])
 def test_targets_follow_their_rules(target):
-    out, _ = quant(conv_net(), dataset({"x": conv_data()}), mode="static", target=target)
+    out, _ = quant(conv_net(), dataset({"x": conv_data()}), mode="static", target=target)  # noqa: F841
     model = ir.from_proto(out)
     assert check_qdq_rules(model, target) == []
+    assert _["target_check"] == f"{target}: ok"
     zps = {n.input[2] for n in out.graph.node if n.op_type == "QuantizeLinear"}
     inits = {i.name: numpy_helper.to_array(i) for i in out.graph.initializer}
     dtypes = {inits[z].dtype for z in zps}
