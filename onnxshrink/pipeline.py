@@ -264,6 +264,7 @@ class PassRecord:
     counters: dict[str, int]
     declines: dict[str, int]
     validation: Any = None
+    details: dict = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """JSON-ready dict with stable keys."""
@@ -283,6 +284,7 @@ class PassRecord:
             "counters": dict(self.counters),
             "declines": dict(self.declines),
             "validation": self.validation.to_dict() if self.validation is not None else None,
+            "details": dict(self.details),
         }
 
 
@@ -339,6 +341,7 @@ def run_pipeline(
             after=after,
             counters=dict(getattr(result, "stats", {}).get("counters", {})),
             declines=dict(getattr(result, "stats", {}).get("declines", {})),
+            details=dict(getattr(result, "stats", {}).get("details", {})),
         )
         logger.info("%s: %d -> %d nodes in %.3fs", step.name, stats.nodes, after.nodes, seconds)
         records.append(record)

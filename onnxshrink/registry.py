@@ -69,7 +69,7 @@ class PassContext:
 
 
 class ShrinkResult(ir.passes.PassResult):
-    """A pass result with a stats dict (counters and declines by reason)."""
+    """A pass result with a stats dict (counters, declines by reason, optional details)."""
 
     def __init__(self, model: ir.Model, modified: bool, stats: dict[str, Any]):
         super().__init__(model, modified)
@@ -99,6 +99,8 @@ class ShrinkPass(ir.passes.InPlacePass):
         self.context = context or PassContext()
         self.counters: collections.Counter[str] = collections.Counter()
         self.declines: collections.Counter[str] = collections.Counter()
+        #: optional structured detail for the report (e.g. prune's per-layer table); JSON-ready values
+        self.details: dict[str, Any] = {}
 
     def count(self, key: str, n: int = 1) -> None:
         """Add ``n`` to counter ``key`` of this run's stats."""
@@ -117,8 +119,9 @@ class ShrinkPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ShrinkResult:
         self.counters.clear()
         self.declines.clear()
+        self.details = {}
         modified = bool(self.run(model))
-        stats = {"counters": dict(self.counters), "declines": dict(self.declines)}
+        stats = {"counters": dict(self.counters), "declines": dict(self.declines), "details": dict(self.details)}
         return ShrinkResult(model, modified, stats)
 
     @classmethod

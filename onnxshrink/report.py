@@ -97,6 +97,25 @@ class Report:
         parts += [f"declined '{k}' x{v}" for k, v in sorted(p.declines.items())]
         return "; ".join(parts) if parts else ("no change" if not p.modified else "")
 
+    @staticmethod
+    def _layer_table(p: PassRecord) -> list[str]:
+        """Markdown for a pass's per-layer table (``details["layers"]``: rows with before/after pairs)."""
+        rows = (p.details or {}).get("layers") or []
+        if not rows:
+            return []
+        cols = [k for k in rows[0] if k not in ("node", "op")]
+        lines = ["", f"### `{p.name}` per layer", "", "| node | op | " + " | ".join(cols) + " |",
+                 "|---|---|" + "---:|" * len(cols)]
+
+        def cell(v: Any) -> str:
+            if isinstance(v, (list, tuple)) and len(v) == 2:
+                return f"{'-' if v[0] is None else v[0]} → {'-' if v[1] is None else v[1]}"
+            return "-" if v is None else str(v)
+
+        for r in rows:
+            lines.append(f"| {r.get('node')} | {r.get('op')} | " + " | ".join(cell(r.get(c)) for c in cols) + " |")
+        return lines
+
     def _validation_lines(self) -> list[str]:
         v = self.validation
         if v is None:
@@ -121,6 +140,8 @@ class Report:
                 f"{_human_bytes(p.before.weight_bytes)} → {_human_bytes(p.after.weight_bytes)} | {p.seconds:.3f} s | "
                 f"{self._pass_detail(p)} |"
             )
+        for p in self.passes:
+            lines += self._layer_table(p)
         lines += ["", "## Validation", ""] + [f"- {x.strip()}" for x in self._validation_lines()]
         if self.validation is not None and self.validation.outputs:
             lines += ["", "| output | rel L2 | max abs | cosine | SNR dB | top-1 agree | tolerance | ok |",

@@ -5,5 +5,6 @@ in the order ``onnxshrink passes`` lists them.
 """
 
 from onnxshrink.passes import fold  # noqa: F401
+from onnxshrink.passes import prune  # noqa: F401
 
-__all__ = ["fold"]
+__all__ = ["fold", "prune"]
