@@ -91,7 +91,7 @@ class PruneOptions:
     round_to: int = option(1, "kept channel counts are rounded up to a multiple of this (e.g. 8)")
     exclude: str | None = option(
         None, "node names never pruned as producers: items joined by '+' (or '|' from Python); an item "
-              "matches a node name that contains it, or as a glob")
+              "matches a node name containing it (globs * ? [] allowed from Python)")
     target_macs: float = option(0.0, "keep at most this fraction of the MACs (0 < f < 1; 0: use ratio)")
     recon: Literal["auto", "lsq", "none"] = option(
         "auto", "least-squares reconstruction of consumer weights (auto: lsq when data is given)")
@@ -121,7 +121,7 @@ def exclusion_matcher(pattern: str | None):
 
     def match(node: ir.Node) -> bool:
         name = node.name or ""
-        return any(p in name or fnmatch.fnmatchcase(name, p) for p in items)
+        return any(fnmatch.fnmatchcase(name, f"*{p}*") for p in items)
 
     return match
 
