@@ -457,6 +457,8 @@ def test_property_random_cnns_stay_valid(proto, ratio, scope, round_to, importan
     assert all(np.isfinite(a).all() for a in got)
     if not modified:
         np.testing.assert_array_equal(got[0], ref[0])
+    if ratio >= 0.5 and stats["counters"]["groups_prunable"]:
+        assert modified and stats["counters"]["channels_removed"] > 0
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
