@@ -75,6 +75,7 @@ CONFIGS = [
     ("act, no recon", "importance=act,recon=none"),
     ("act + lsq", "importance=act,recon=lsq"),
     ("l2 + lsq", "importance=l2,recon=lsq"),
+    ("act + lsq, round_to=4", "importance=act,recon=lsq,round_to=4"),
 ]
 
 

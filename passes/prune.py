@@ -97,6 +97,7 @@ class PruneOptions:
         "auto", "least-squares reconstruction of consumer weights (auto: lsq when data is given)")
     samples: int = option(256, "calibration samples used for act importance and reconstruction")
     ridge: float = option(1e-3, "ridge term of the least-squares fit, relative to mean(diag(XᵀX))")
+    latency: bool = option(False, "measure ORT CPU latency (batch 1, one thread) before/after, total and per node")
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ratio < 1.0:
@@ -174,6 +175,7 @@ class PrunePass(ShrinkPass):
         targets = [c for c in cg.consumers
                    if len(layout_indices(cg, c.layout, keep)) < c.layout.channels * c.layout.inner]
         layer_rows = self._layer_rows(cg, keep)
+        lat_before = _measure_latency(model, self.context) if opts.latency else None
         originals = []
         if recon == "lsq" and targets:
             originals = self._open_original(model, targets)
@@ -190,8 +192,48 @@ class PrunePass(ShrinkPass):
         finally:
             for cap in originals:
                 cap.close()
+        if lat_before is not None:
+            lat_after = _measure_latency(model, self.context)
+            self._latency_stats(model, layer_rows, lat_before, lat_after)
         self.details["layers"] = layer_rows
         return True
+
+    def _latency_stats(self, model: ir.Model, rows: list[dict[str, Any]], before: tuple[float, dict[str, float]],
+                       after: tuple[float, dict[str, float]]) -> None:
+        # onnxruntime fuses Conv+BN/Add/activation and renames the fused (NCHWc) node after the last fused
+        # value; map such names back to the MAC node the chain starts from
+        owner: dict[str, str] = {}
+        for node in model.graph:
+            if node.op_type not in _WEIGHT_OPS:
+                continue
+            key = node.name or node.op_type
+            owner[key] = key
+            v = node.outputs[0]
+            for _ in range(4):
+                owner.setdefault(v.name or "", key)
+                uses = v.uses()
+                if len(uses) != 1 or uses[0].node.op_type not in ("Relu", "Clip", "Add", "BatchNormalization",
+                                                                   "Sigmoid", "LeakyRelu", "HardSigmoid", "Sum"):
+                    break
+                v = uses[0].node.outputs[0]
+
+        def by_node(per: dict[str, float]) -> dict[str, float]:
+            out: dict[str, float] = {}
+            for k, us in per.items():
+                k2 = k[:-len("_nchwc")] if k.endswith("_nchwc") else k
+                if k2 in owner:
+                    out[owner[k2]] = out.get(owner[k2], 0.0) + us
+            return out
+
+        before = (before[0], by_node(before[1]))
+        after = (after[0], by_node(after[1]))
+        self.details["latency_ms"] = [round(before[0], 4), round(after[0], 4)]
+        self.details["latency_ratio"] = round(after[0] / before[0], 4) if before[0] > 0 else None
+        self.count("latency_us_before", int(round(1000 * before[0])))
+        self.count("latency_us_after", int(round(1000 * after[0])))
+        for row in rows:
+            b, a = before[1].get(row["node"]), after[1].get(row["node"])
+            row["latency_us"] = [None if b is None else round(b, 1), None if a is None else round(a, 1)]
 
     # ---- shapes ----------------------------------------------------------------------------------------
     def _infer_shapes(self, model: ir.Model) -> None:
@@ -603,6 +645,63 @@ def _scatter(cg: ChannelGraph, layout: Layout, values: np.ndarray, acc: dict[int
             touched.add(s.group)
         off += s.length
     return touched
+
+
+def _measure_latency(model: ir.Model, context: Any, runs: int = 60) -> tuple[float, dict[str, float]]:
+    """Median ms per run of ``model`` in ORT CPU (one thread, batch 1, first sample of the data or a
+    synthetic one), and median µs per node from onnxruntime's profiler (a separate, profiled session)."""
+    import json
+    import shutil
+    import statistics
+    import tempfile
+    import time
+    from pathlib import Path
+
+    import onnxruntime as ort
+
+    from onnxshrink.calib import input_specs, synthetic_data
+    from onnxshrink.model import save_model
+
+    data = context.data
+    if data is None:
+        data, _ = synthetic_data(input_specs(model), context.input_shapes, num_samples=1)
+    feed = next(iter(data.samples(1)))
+    tmp = Path(tempfile.mkdtemp(prefix="onnxshrink-prune-lat-"))
+    try:
+        path = tmp / "m.onnx"
+        save_model(model, path)
+
+        def sess(profile: bool) -> Any:
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = 1
+            so.inter_op_num_threads = 1
+            so.log_severity_level = 3
+            if profile:
+                so.enable_profiling = True
+                so.profile_file_prefix = str(tmp / "prof")
+            return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+        s = sess(False)
+        for _ in range(5):
+            s.run(None, feed)
+        times = []
+        for _ in range(runs):
+            t = time.perf_counter()
+            s.run(None, feed)
+            times.append(time.perf_counter() - t)
+        total = 1000 * statistics.median(times)
+        ps = sess(True)
+        for _ in range(min(runs, 20)):
+            ps.run(None, feed)
+        prof = ps.end_profiling()
+        per: dict[str, list[float]] = {}
+        for ev in json.loads(Path(prof).read_text()):
+            if ev.get("cat") == "Node" and str(ev.get("name", "")).endswith("_kernel_time"):
+                name = str(ev["name"])[: -len("_kernel_time")]
+                per.setdefault(name, []).append(float(ev.get("dur", 0)))
+        return total, {k: float(np.median(v)) for k, v in per.items()}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _estimate_macs(cg: ChannelGraph, keep: dict[int, np.ndarray]) -> float:

@@ -468,3 +468,13 @@ def test_property_random_cnns_with_reconstruction(proto, ratio):
     out, stats, modified = prune(proto, data=f, ratio=ratio, recon="lsq", samples=16)
     got = run_ort(out, f)
     assert got[0].shape == run_ort(proto, f)[0].shape and np.isfinite(got[0]).all()
+
+
+def test_latency_option_reports_total_and_per_node():
+    proto = plain_cnn()
+    out, stats, _ = prune(proto, ratio=0.5, recon="none", latency=True)
+    lat = stats["details"]["latency_ms"]
+    assert len(lat) == 2 and all(t > 0 for t in lat)
+    assert stats["counters"]["latency_us_before"] > 0
+    rows = stats["details"]["layers"]
+    assert any(r["latency_us"][0] is not None for r in rows)
