@@ -368,7 +368,12 @@ class ChannelGraph:
         if x is None or x not in self.layouts:
             return
         for extra in node.inputs[1:]:
-            if extra is not None and (const_of(extra) is None or const_of(extra).size > 1):
+            if extra is None:
+                continue
+            c = const_of(extra)
+            scalar = (c.size <= 1) if c is not None else (
+                extra.shape is not None and all(isinstance(d, int) and d == 1 for d in extra.shape))
+            if not scalar:
                 self.block(self.layouts[x], f"{node.op_type} with a non-scalar extra input")
                 break
         if node.op_type == "Dropout" and len(node.outputs) > 1 and node.outputs[1].uses():
