@@ -74,7 +74,7 @@ class PassContext:
 
 
 class ShrinkResult(ir.passes.PassResult):
-    """A pass result with a stats dict (counters and declines by reason)."""
+    """A pass result with a stats dict (counters, declines by reason, optional details)."""
 
     def __init__(self, model: ir.Model, modified: bool, stats: dict[str, Any]):
         super().__init__(model, modified)
@@ -105,7 +105,9 @@ class ShrinkPass(ir.passes.InPlacePass):
         self.counters: collections.Counter[str] = collections.Counter()
         self.declines: collections.Counter[str] = collections.Counter()
         #: Optional per-item table (one dict per layer/group considered), reported as ``stats["layers"]``.
-        self.details: list[dict[str, Any]] = []
+        self.layers: list[dict[str, Any]] = []
+        #: Optional structured facts for the report (JSON-ready), merged into the stats as ``details``.
+        self.details: dict[str, Any] = {}
 
     def count(self, key: str, n: int = 1) -> None:
         """Add ``n`` to counter ``key`` of this run's stats."""
@@ -124,9 +126,11 @@ class ShrinkPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ShrinkResult:
         self.counters.clear()
         self.declines.clear()
-        self.details = []
+        self.layers = []
+        self.details = {}
         modified = bool(self.run(model))
-        stats = {"counters": dict(self.counters), "declines": dict(self.declines), "layers": list(self.details)}
+        stats = {"counters": dict(self.counters), "declines": dict(self.declines), "layers": list(self.layers),
+                 **self.details}
         return ShrinkResult(model, modified, stats)
 
     @classmethod

@@ -110,6 +110,25 @@ class Report:
         parts += [f"declined '{k}' x{v}" for k, v in sorted(p.declines.items())]
         return "; ".join(parts) if parts else ("no change" if not p.modified else "")
 
+    @staticmethod
+    def _layer_table(p: PassRecord) -> list[str]:
+        """Markdown for a per-layer table whose rows hold before/after pairs (prune)."""
+        rows = p.layers or []
+        if not rows:
+            return []
+        cols = [k for k in rows[0] if k not in ("node", "op")]
+        lines = ["", f"### `{p.name}` per layer", "", "| node | op | " + " | ".join(cols) + " |",
+                 "|---|---|" + "---:|" * len(cols)]
+
+        def cell(v: Any) -> str:
+            if isinstance(v, (list, tuple)) and len(v) == 2:
+                return f"{'-' if v[0] is None else v[0]} → {'-' if v[1] is None else v[1]}"
+            return "-" if v is None else str(v)
+
+        for r in rows:
+            lines.append(f"| {r.get('node')} | {r.get('op')} | " + " | ".join(cell(r.get(c)) for c in cols) + " |")
+        return lines
+
     def _validation_lines(self) -> list[str]:
         v = self.validation
         if v is None:
@@ -135,7 +154,9 @@ class Report:
                 f"{self._pass_detail(p)} |"
             )
         for p in self.passes:
-            if p.layers:
+            if p.layers and "node" in p.layers[0]:
+                lines += self._layer_table(p)
+            elif p.layers:
                 lines += ["", f"### {p.name}: per layer", "", "| layer | op | weight | rank | params saved | MACs saved | reason |",
                           "|---|---|---|---:|---:|---:|---|"]
                 for r in p.layers:

@@ -5,7 +5,8 @@ in the order ``onnxshrink passes`` lists them.
 """
 
 from onnxshrink.passes import fold  # noqa: F401
+from onnxshrink.passes import prune  # noqa: F401
 from onnxshrink.passes import lowrank  # noqa: F401
 from onnxshrink.passes import quant  # noqa: F401
 
-__all__ = ["fold", "lowrank", "quant"]
+__all__ = ["fold", "prune", "lowrank", "quant"]

@@ -455,7 +455,7 @@ class LowrankPass(ShrinkPass):
         row = dict.fromkeys(_ROW_KEYS)
         row.update(layer=node.name or node.outputs[0].name, op=node.op_type, params_saved=0, macs_saved=0,
                    reason=reason)
-        self.details.append(row)
+        self.layers.append(row)
 
     def _classify(self, node: ir.Node) -> _Layer | None:
         op = node.op_type
@@ -926,7 +926,7 @@ class LowrankPass(ShrinkPass):
                 row["output_error"] = round(float(layer.measured["output_error"]), 6)
         if layer.latency is not None:
             row["latency_ms"] = [round(layer.latency[0] * 1e3, 4), round(layer.latency[1] * 1e3, 4)]
-        self.details.append(row)
+        self.layers.append(row)
 
 
 def _energy_rank_s(s: np.ndarray, energy: float) -> int:
