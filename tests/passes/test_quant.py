@@ -594,3 +594,25 @@ def test_require_faster_fails_when_slower(tmp_path, monkeypatch, capsys):
     assert code == 3 and not out.exists() and "slower" in capsys.readouterr().err
     code = cli(*["optimize", str(MODELS / "digits_cnn.onnx"), "--passes", "quant", "-o", str(out), "-q"])
     assert code == 0 and out.exists()  # without the flag it is a loud note, not a failure
+
+
+# -- pipelines with the other passes -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec", ["fold,prune(ratio=0.3),quant(mode=static)",
+                                  "fold,lowrank(ratio=0.5),quant(mode=static)"])
+def test_prune_and_lowrank_then_quant(spec):
+    path = str(MODELS / "digits_cnn.onnx")
+    result = onnxshrink.optimize(path, passes=spec, data=str(CALIB), latency=False, validate=False)
+    proto = ir.to_proto(result.model)
+    onnx.checker.check_model(proto)
+    rec = {p.name: p for p in result.report.passes}
+    assert rec["quant"].counters["weights_quantized"] >= 3 and rec["quant"].counters["activations_quantized"] > 0
+    assert rec[spec.split(",")[1].split("(")[0]].modified
+    x = np.load(TEST)["input"][:64]
+    run_ort(proto, {"input": x})  # the factors / pruned weights are quantized like any weights and run
+
+
+def test_quant_before_prune_is_refused():
+    with pytest.raises(onnxshrink.SpecError):
+        onnxshrink.optimize(str(MODELS / "digits_cnn.onnx"), passes="quant,prune(ratio=0.3)", validate=False)
