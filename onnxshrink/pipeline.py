@@ -48,7 +48,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_PIPELINE = "fold"
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_VALUE = re.compile(r"[A-Za-z0-9_.+\-]+")
+_VALUE = re.compile(r"[A-Za-z0-9_.+\-*?/|:\[\]]+")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -120,7 +120,7 @@ class QuantOptions:
     max_drop: float = option(-1.0, "accuracy budget (see metric); < 0: no fallback to float")
     metric: Literal["auto", "top1", "accuracy", "cosine", "rel_l2"] = option(
         "auto", "max_drop metric: auto = accuracy with labels, else top1 for class scores, else cosine")
-    exclude: str = option("", "node names kept float: glob patterns separated by '|'")
+    exclude: str = option("none", "node names kept float: glob patterns joined by '|' (none: no exclusion)")
     matmul_act: bool = option(True, "quantize MatMuls whose both inputs are activations (attention)")
 
     def __post_init__(self) -> None:
@@ -474,7 +474,7 @@ class QuantPass(ShrinkPass):
             _infer_shapes(model, self.context)
             outs = _run_outputs(model, data, o.samples)
             self._reference = _reference(outs, o.metric, self.context)
-        self._exclude = [p for p in o.exclude.split("|") if p]
+        self._exclude = [p for p in o.exclude.split("|") if p and o.exclude != "none"]
         self._taken: set[str] = {v.name for g in model.graphs() for n in g for v in n.outputs if v.name}
         self._taken |= {n for g in model.graphs() for n in g.initializers}
         changed = self._lift_constants(model)

@@ -443,3 +443,18 @@ def test_run_pipeline_after_each_sees_every_step_in_order():
     run_pipeline(_tiny_model(), parse("tp_none,fold,tp_none"), PassContext(),
                  after_each=lambda step, model, rec: seen.append((step.name, rec.name)))
     assert seen == [("tp_none", "tp_none"), ("fold", "fold"), ("tp_none", "tp_none")]
+
+
+def test_every_registered_pass_default_spec_round_trips():
+    from onnxshrink.registry import all_passes
+
+    names = [p.name for p in all_passes()]
+    order = sorted(names, key=lambda n: ["fold", "prune", "lowrank", "quant"].index(n)
+                   if n in ("fold", "prune", "lowrank", "quant") else -1)
+    text = format_pipeline(parse(",".join(order)))
+    assert format_pipeline(parse(text)) == text
+
+
+def test_glob_and_alternation_values_parse():
+    steps = parse("quant(exclude=/blocks/*|fc[12]:0)")
+    assert steps[0].options.exclude == "/blocks/*|fc[12]:0"
