@@ -242,8 +242,9 @@ def _cards(diff: CompareResult | None, report: Report | None) -> str:
     if diff is not None:
         if diff.latency:
             lat = diff.latency
-            out.append(_card("latency (batch 1)", f"{lat['cand_ms']:.3f} ms",
-                             f"from {lat['ref_ms']:.3f} ms ({lat['speedup']:.2f}x faster)"))
+            sp = lat["speedup"] or 1.0
+            rel = f"{sp:.2f}x faster" if sp >= 1 else f"{1 / sp:.2f}x slower"
+            out.append(_card("latency (batch 1)", f"{lat['cand_ms']:.3f} ms", f"from {lat['ref_ms']:.3f} ms ({rel})"))
         for o in diff.outputs:
             if o.task:
                 out.append(_card(f"{o.task['metric']} accuracy · {o.metrics.name}", _pct(o.task["cand"]),
