@@ -119,6 +119,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=HERE / "out" / "compare")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--no-polygraphy", action="store_true")
+    ap.add_argument("--grouped-only", action="store_true", help="skip all-at-once and Polygraphy (big graphs)")
     ap.add_argument("--worker", nargs=4, metavar=("REF", "CAND", "DATA", "BUDGET_MB"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -132,8 +133,8 @@ def main() -> None:
           f"{2 * tensors * per_tensor / 2**20:.0f} MiB for every tensor of both models at once")
     rows = []
     me = [sys.executable, str(Path(__file__).resolve())]
-    for label, budget in ((f"onnxshrink grouped ({args.budget_mb:g} MiB)", args.budget_mb),
-                          ("onnxshrink all-at-once", 1e9)):
+    runs = [(f"onnxshrink grouped ({args.budget_mb:g} MiB)", args.budget_mb), ("onnxshrink all-at-once", 1e9)]
+    for label, budget in runs[:1] if args.grouped_only else runs:
         r = measure(me + ["--worker", str(ref), str(cand), str(data), str(budget)])
         if r["code"] != 0:
             print(f"{label}: FAILED\n{r['stderr'][-2000:]}")
@@ -141,7 +142,7 @@ def main() -> None:
         info = json.loads(r["stdout"].strip().splitlines()[-1])
         rows.append({"tool": label, "seconds": r["seconds"], "peak_mib": r["peak_mib"], **info})
     poly = shutil.which("polygraphy") or str(Path(sys.executable).with_name("polygraphy"))
-    if not args.no_polygraphy and Path(poly).exists():
+    if not (args.no_polygraphy or args.grouped_only) and Path(poly).exists():
         saved = args.out / "poly_ref.json"
         base = [poly, "run", "--onnxrt", "--onnx-outputs", "mark", "all", "--data-loader-script", str(loader)]
         r1 = measure([poly, "run", str(ref)] + base[2:] + ["--save-outputs", str(saved)])

@@ -712,25 +712,37 @@ def _per_layer(ref: ir.Model, cand: ir.Model, data: Dataset, *, budget_bytes: in
         cand_names = list(dict.fromkeys(m.cand for r in group for m in by_ref[r]))
         label = f"per-layer capture, group {gi + 1}/{len(groups)}"
         with ActivationCapture(ref, group) as rc, ActivationCapture(cand, cand_names) as cc:
-            max_batch = 32 if (with_batches and rc.batchable and cc.batchable) else 1
-            done = 0
-            for rb, cb in zip(rc.run(data, limit=limit, max_batch=max_batch),
-                              cc.run(data, limit=limit, max_batch=max_batch)):
-                peak = max(peak, sum(a.nbytes for a in rb.values()) + sum(a.nbytes for a in cb.values()))
-                for r in group:
-                    for m in by_ref[r]:
-                        key = (m.ref, m.cand)
-                        if key in bad:
-                            continue
-                        a, b = np.asarray(rb[m.ref]), np.asarray(cb[m.cand])
-                        if a.shape != b.shape or a.dtype.kind not in "fc" or b.dtype.kind not in "fc":
-                            bad.add(key)
-                            continue
-                        accs.setdefault(key, _Acc()).add(a, b)
-                done += len(next(iter(rb.values()))) if max_batch > 1 and rb else 1
-                del rb, cb
-                if progress is not None:
-                    progress(label, min(done, total), total)
+            while True:
+                max_batch = 32 if (with_batches and rc.batchable and cc.batchable) else 1
+                part: dict[tuple[str, str], _Acc] = {}
+                done = 0
+                aligned = True
+                for rb, cb in zip(rc.run(data, limit=limit, max_batch=max_batch),
+                                  cc.run(data, limit=limit, max_batch=max_batch)):
+                    rows_r = {len(a) for a in rb.values() if np.ndim(a)}
+                    rows_c = {len(a) for a in cb.values() if np.ndim(a)}
+                    if max_batch > 1 and rows_r != rows_c:
+                        aligned = False  # one model fell back to single samples: redo both unbatched
+                        break
+                    peak = max(peak, sum(a.nbytes for a in rb.values()) + sum(a.nbytes for a in cb.values()))
+                    for r in group:
+                        for m in by_ref[r]:
+                            key = (m.ref, m.cand)
+                            if key in bad:
+                                continue
+                            a, b = np.asarray(rb[m.ref]), np.asarray(cb[m.cand])
+                            if a.shape != b.shape or a.dtype.kind not in "fc" or b.dtype.kind not in "fc":
+                                bad.add(key)
+                                continue
+                            part.setdefault(key, _Acc()).add(a, b)
+                    done += len(next(iter(rb.values()))) if max_batch > 1 and rb else 1
+                    del rb, cb
+                    if progress is not None:
+                        progress(label, min(done, total), total)
+                if aligned:
+                    accs.update(part)
+                    break
+                with_batches = False
     layers: list[LayerDiff] = []
     err_of: dict[str, float] = {}
     snr_of: dict[str, float | None] = {}

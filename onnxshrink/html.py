@@ -19,6 +19,18 @@ from onnxshrink.report import Report, _human_bytes
 __all__ = ["compare_page", "optimize_page"]
 
 BEFORE, AFTER, BAD, GOOD, INK, GRID, MUTED = "#8aa4c8", "#2f6db5", "#d1495b", "#2a9d68", "#1f2933", "#e4e7eb", "#616e7c"
+#: Added relative L2 below this is float rounding (fold's own tolerance): never highlighted as a culprit.
+NOISE = 1e-5
+
+
+def hot_layers(layers: list[Any], top: int = 3) -> list[Any]:
+    """The layers to point at: the ``top`` ranked by added error, if it is above float noise and at least a
+    quarter of the largest added error."""
+    ranked = sorted(layers, key=lambda x: x.rank)
+    if not ranked or not ranked[0].added_rel_l2 > NOISE:
+        return []
+    lead = ranked[0].added_rel_l2
+    return [x for x in ranked[:top] if x.added_rel_l2 > NOISE and x.added_rel_l2 >= lead / 4]
 
 CSS = """
 :root { --ink:#1f2933; --muted:#616e7c; --line:#e4e7eb; --bg:#f7f8fa; --card:#fff; --good:#2a9d68; --bad:#d1495b;
@@ -45,7 +57,9 @@ section p.lead { color:var(--muted); margin:-6px 0 12px; }
 table { border-collapse:collapse; width:100%; font-size:13px; }
 th, td { padding:6px 10px; border-bottom:1px solid var(--line); text-align:right; vertical-align:top; }
 th { background:#f0f2f5; font-weight:600; color:#3e4c59; white-space:nowrap; }
-th:first-child, td:first-child, td.l, th.l { text-align:left; }
+td { white-space:nowrap; }
+th:first-child, td:first-child, td.l, th.l { text-align:left; white-space:normal; }
+td.mono { min-width:190px; }
 td.mono, code { font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace; font-size:12px; word-break:break-all; }
 tr.hot td { background:#fdf0f2; }
 .ok { color:var(--good); font-weight:600; } .no { color:var(--bad); font-weight:600; }
@@ -154,7 +168,9 @@ def layer_plot(plot_id: str, title: str, layers: list[Any], top: int = 3) -> str
     """Per-layer relative L2 in graph order (log scale): a line of the error at each layer and bars of
     the error each layer adds; the ``top`` layers by added error are red and labelled."""
     layers = sorted(layers, key=lambda x: x.match.index)
-    w, h, left, right, tp, bottom = 1080, 300, 64, 20, 24, 70
+    hot_list = hot_layers(layers, top)
+    w, h, left, right, bottom = 1080, 300, 64, 20, 70
+    tp = 14 + 15 * len(hot_list)  # a band above the plot for the culprits' labels
     if not layers:
         return _svg(plot_id, w, 60, title, _text(10, 30, "no matched layers"))
     vals = [x.rel_l2 for x in layers if math.isfinite(x.rel_l2) and x.rel_l2 > 0]
@@ -176,7 +192,7 @@ def layer_plot(plot_id: str, title: str, layers: list[Any], top: int = 3) -> str
         yy = y(10.0 ** e)
         body.append(f'<line x1="{left}" y1="{yy:.1f}" x2="{w - right}" y2="{yy:.1f}" stroke="{GRID}"/>')
         body.append(_text(left - 6, yy + 4, f"1e{e}", anchor="end", size=10))
-    hot = {id(x) for x in sorted(layers, key=lambda x: x.rank)[:top] if x.added_rel_l2 > 0}
+    hot = {id(x) for x in hot_list}
     for i, x in enumerate(layers):
         cx = left + (i + 0.5) * step
         if x.added_rel_l2 > 0:
@@ -192,9 +208,15 @@ def layer_plot(plot_id: str, title: str, layers: list[Any], top: int = 3) -> str
         cx = left + (i + 0.5) * step
         body.append(f'<circle cx="{cx:.1f}" cy="{y(x.rel_l2):.1f}" r="2.4" fill="{INK}"/>')
         if id(x) in hot:
-            label = f"#{x.rank} {x.match.op} {x.match.ref_node or x.match.ref}"
-            label = label if len(label) <= 42 else label[:41] + "…"
-            body.append(_text(cx, y(x.added_rel_l2) - 6, label, anchor="middle", size=10.5, color=BAD, weight="600"))
+            row = hot_list.index(x)
+            ly = 12 + 15 * row
+            label = f"#{x.rank} {x.match.op} {x.match.ref_node or x.match.ref} (+{_g(x.added_rel_l2)})"
+            label = label if len(label) <= 60 else label[:59] + "…"
+            anchor = "start" if cx < w / 3 else ("end" if cx > 2 * w / 3 else "middle")
+            body.append(f'<line x1="{cx:.1f}" y1="{ly + 3}" x2="{cx:.1f}" y2="{y(x.added_rel_l2):.1f}" stroke="{BAD}" '
+                        f'stroke-dasharray="2 2" stroke-width="1"/>')
+            body.append(_text(cx + (4 if anchor == "start" else -4 if anchor == "end" else 0), ly, label,
+                              anchor=anchor, size=10.5, color=BAD, weight="600"))
     every = max(1, n // 24)
     for i, x in enumerate(layers):
         if i % every == 0:
@@ -305,11 +327,13 @@ def _layers_section(diff: CompareResult) -> str:
         rows.append([str(x.rank), m.ref_node or m.ref, m.op, m.how, m.cand, "×".join(map(str, m.shape or [])) or "?",
                      _g(x.rel_l2), _g(x.added_rel_l2), "–" if x.snr_db is None else f"{x.snr_db:.1f}",
                      "–" if x.snr_drop_db is None else f"{x.snr_drop_db:.1f}", _g(x.cosine, 6)])
-    hot = {i for i, x in enumerate(ranked[:3]) if x.added_rel_l2 > 0}
+    culprits = {id(x) for x in hot_layers(pl.layers)}
+    hot = {i for i, x in enumerate(ranked[:25]) if id(x) in culprits}
     lead = (f"{len(pl.layers)} tensors matched between the two graphs (by producer op, position and shape; through "
             f"QDQ pairs, fused BatchNorm and low-rank splits), captured in {pl.groups} group(s) within "
             f"{_human_bytes(pl.budget_bytes)} on {pl.samples} sample(s); peak {_human_bytes(pl.peak_batch_bytes)} "
-            f"of tensors per batch. Ranked by the error each layer adds over the error of its inputs.")
+            f"of tensors per batch. Ranked by the error each layer adds over the error of its inputs; an added error "
+            f"below {NOISE:g} is float rounding and is not highlighted.")
     legend = (f'<div class="legend"><i style="background:{INK}"></i>relative L2 at the layer'
               f'<i style="background:{BEFORE}"></i>error added by the layer<i style="background:{BAD}"></i>'
               f'top layers by added error</div>')
