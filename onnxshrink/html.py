@@ -55,11 +55,12 @@ section { background:var(--card); border:1px solid var(--line); border-radius:10
 section h2 { font-size:16px; margin:0 0 12px; }
 section p.lead { color:var(--muted); margin:-6px 0 12px; }
 table { border-collapse:collapse; width:100%; font-size:13px; }
-th, td { padding:6px 10px; border-bottom:1px solid var(--line); text-align:right; vertical-align:top; }
-th { background:#f0f2f5; font-weight:600; color:#3e4c59; white-space:nowrap; }
+th, td { padding:6px 8px; border-bottom:1px solid var(--line); text-align:right; vertical-align:top; }
+th { background:#f0f2f5; font-weight:600; color:#3e4c59; }
+.tw { overflow-x:auto; }
 td { white-space:nowrap; }
 th:first-child, td:first-child, td.l, th.l { text-align:left; white-space:normal; }
-td.mono { min-width:190px; }
+td.mono { min-width:150px; }
 td.mono, code { font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace; font-size:12px; word-break:break-all; }
 tr.hot td { background:#fdf0f2; }
 .ok { color:var(--good); font-weight:600; } .no { color:var(--bad); font-weight:600; }
@@ -101,7 +102,8 @@ def _table(cols: list[str], rows: Iterable[list[str]], *, table_id: str, raw: bo
     for ri, r in enumerate(rows):
         cells = "".join(f'<td class="{"l mono" if i in left else ""}">{c if raw else _e(c)}</td>' for i, c in enumerate(r))
         body.append(f'<tr class="{"hot" if hot and ri in hot else ""}">{cells}</tr>')
-    return f'<table id="{_e(table_id)}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+    return (f'<div class="tw"><table id="{_e(table_id)}"><thead><tr>{head}</tr></thead>'
+            f'<tbody>{"".join(body)}</tbody></table></div>')
 
 
 def _svg(plot_id: str, w: int, h: int, title: str, body: str) -> str:

@@ -457,6 +457,12 @@ def test_bad_layer_ranks_first_on_qdq_mobilenet(qdq_models):
     assert ranked[0].match.how == "fused BN"  # float BN output ↔ the QDQ model's fused Conv
     assert ranked[0].added_rel_l2 > 3 * ranked[1].added_rel_l2
     assert len(res.per_layer.layers) == 29 and res.per_layer.unmatched_ref == []
+    d = json.loads(res.to_json())["per_layer"]
+    assert {"matched", "ref_tensors", "cand_tensors", "unmatched_ref", "fused_ref", "groups", "budget_bytes",
+            "peak_batch_bytes", "samples", "seconds", "layers"} == set(d)
+    assert d["layers"][0]["ref_node"] == BAD_LAYER and d["layers"][0]["rank"] == 1
+    assert {"rank", "index", "ref", "cand", "ref_node", "cand_node", "op", "how", "shape", "inputs", "rel_l2", "snr_db",
+            "cosine", "max_abs", "input_rel_l2", "added_rel_l2", "snr_drop_db"} == set(d["layers"][0])
     # the same model quantized correctly: the bad layer is no longer an outlier, and accuracy holds
     ok = compare(MBV2, good, data=TEST_NPZ, labels=LABELS, limit=200, per_layer=True, size=False)
     by = {x.match.ref_node: x for x in ok.per_layer.layers}
