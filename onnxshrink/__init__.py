@@ -86,6 +86,11 @@ class OptimizeResult:
         self._workdir = workdir
 
     @property
+    def artifact(self) -> Path | None:
+        """The optimized model as written to a temporary file for validation (until :meth:`close`)."""
+        return self._artifact
+
+    @property
     def ok(self) -> bool:
         """False if validation ran and failed, or ``require_faster`` was set and the result is slower."""
         return self.report.verdict not in ("failed", "slower")
@@ -293,7 +298,7 @@ def optimize(
         save_model(m, artifact)
         validation: ValidationResult | None = None
         if validate:
-            validation = compare_models(ref_path, artifact, val_data, tol)
+            validation = compare_models(ref_path, artifact, val_data, tol, progress=progress)
             validation.notes = notes + validation.notes
             notes = []
         after.file_bytes = _file_bytes(artifact)

@@ -1,4 +1,4 @@
-"""Command line: ``onnxshrink optimize | inspect | passes``. No logic of its own.
+"""Command line: ``onnxshrink optimize | compare | inspect | passes``. No logic of its own.
 
 Errors are printed as ``error: ...`` and ``hint: ...`` on stderr with no traceback (unless ``--debug``);
 exit codes: 0 ok, 1 failure, 2 bad usage or input, 3 validation failed.
@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Optional
 
@@ -64,6 +65,50 @@ def _default_output(model: Path) -> Path:
     return model.with_name(model.stem + ".small.onnx")
 
 
+REPORT_FORMATS = (".json", ".md", ".html")
+
+
+def _check_report_path(report: Optional[Path], inputs: list[Path]) -> None:
+    from onnxshrink.model import check_output_path
+
+    if report is None:
+        return
+    if report.suffix.lower() not in REPORT_FORMATS:
+        raise UsageError(f"--report {report}: unknown format", hint="use a .json, .md or .html file name")
+    check_output_path(report, inputs)
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write ``text`` atomically (temp file beside it, then rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+@contextmanager
+def _progress_bar(quiet: bool):
+    """A rich progress bar on stderr for long work, as a ``(label, done, total)`` callback.
+
+    Shown only when stderr is a terminal (logs and pipes stay clean; ``TTY_COMPATIBLE=1`` forces it), erased
+    when done on an interactive one, and never with ``--quiet``; yields None then.
+    """
+    console = Console(stderr=True)
+    if quiet or not console.is_terminal:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    tasks: dict[str, int] = {}
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=console, transient=console.is_interactive) as bar:
+        def update(label: str, done: int, total: int) -> None:
+            if label not in tasks:
+                tasks[label] = bar.add_task(label, total=total)
+            bar.update(tasks[label], completed=done, total=total)
+
+        yield update
+
+
 @app.command()
 def optimize(
     model: Path = typer.Argument(..., help="the ONNX model to optimize (never modified)"),
@@ -75,12 +120,13 @@ def optimize(
     no_validate: bool = typer.Option(False, "--no-validate", help="skip the onnxruntime comparison"),
     validate_each: bool = typer.Option(False, "--validate-each", help="compare after every pass and name the one that breaks"),
     force: bool = typer.Option(False, "--force", help="write the output even if validation fails (exit code stays 3)"),
-    report: Optional[Path] = typer.Option(None, "--report", help="also write the report: .json or .md"),
+    report: Optional[Path] = typer.Option(None, "--report", help="also write the report: .json, .md or .html (a page with plots)"),
     labels: Optional[Path] = typer.Option(None, "--labels", help=".npy of integer labels, one per --data sample"),
     max_drop: Optional[float] = typer.Option(None, "--max-drop", help="accuracy budget for quant: sets quant(max_drop=...) (points of top-1/accuracy, or 1-cosine)"),
     require_faster: bool = typer.Option(False, "--require-faster", help="fail (exit 3) if the result is slower than the original in onnxruntime"),
     latency: Optional[bool] = typer.Option(None, "--latency/--no-latency", help="measure ORT CPU latency before/after [default: when a pass other than fold runs]"),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="print only errors"),
+    latency_runs: int = typer.Option(30, "--latency-runs", help="for --report x.html: onnxruntime runs per model to time (0: skip)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="print only errors (no progress bar)"),
     debug: bool = typer.Option(False, "--debug", help="debug logging and tracebacks"),
 ) -> int:
     """Run a pipeline of passes, validate against the original, save atomically, print the report."""
@@ -96,35 +142,46 @@ def optimize(
         steps = _with_max_drop(steps, max_drop)
     out = output or _default_output(model)
     check_output_path(out, [model])
-    if report is not None and report.suffix.lower() not in (".json", ".md"):
-        raise UsageError(f"--report {report}: unknown format", hint="use a .json or .md file name")
-    if report is not None:
-        check_output_path(report, [model, out])
+    _check_report_path(report, [model, out])
+    if latency_runs < 0:
+        raise UsageError("--latency-runs must be >= 0")
     default_tol = max(s.info.cls.validation_tolerance(s.options) for s in steps)
     tolerances = parse_tolerances(tol, default_tol)
-    result = onnxshrink.optimize(
-        model,
-        steps,
-        data=data,
-        input_shapes=parse_input_shapes(input_shape),
-        validate=not no_validate,
-        validate_each=validate_each,
-        tolerance=tolerances,
-        output=out,
-        labels=labels,
-        latency=latency,
-        require_faster=require_faster,
-    )
+    shapes = parse_input_shapes(input_shape)
+    with _progress_bar(quiet) as progress:
+        result = onnxshrink.optimize(
+            model,
+            steps,
+            data=data,
+            input_shapes=shapes,
+            validate=not no_validate,
+            validate_each=validate_each,
+            tolerance=tolerances,
+            output=out,
+            progress=progress,
+            labels=labels,
+            latency=latency,
+            require_faster=require_faster,
+        )
     try:
         failed = not result.ok
         if not failed or force:
             result.save(out, force=force)
         rep = result.report
         if report is not None:
-            text = rep.to_json() if report.suffix.lower() == ".json" else rep.to_markdown()
-            tmp = report.with_name(f".{report.name}.tmp")
-            tmp.write_text(text)
-            os.replace(tmp, report)
+            suffix = report.suffix.lower()
+            if suffix == ".html":
+                from onnxshrink.compare import compare as compare_fn
+                from onnxshrink.html import optimize_page
+
+                # the page's per-layer plot, latency and size by op come from comparing the two files
+                with _progress_bar(quiet) as progress:
+                    diff = compare_fn(model, result.artifact, data=data, tolerance=tolerances, per_layer=True,
+                                      latency_runs=latency_runs, input_shapes=shapes, progress=progress)
+                text = optimize_page(rep, diff)
+            else:
+                text = rep.to_json() if suffix == ".json" else rep.to_markdown()
+            _write_text(report, text)
         if not quiet:
             rep.render(Console(highlight=False))
         if failed and rep.verdict == "slower":
@@ -146,6 +203,64 @@ def optimize(
         return 0
     finally:
         result.close()
+
+
+@app.command()
+def compare(
+    ref: Path = typer.Argument(..., help="the reference model (e.g. the original)"),
+    cand: Path = typer.Argument(..., help="the candidate model (e.g. the optimized one)"),
+    data: Optional[Path] = typer.Option(None, "--data", help=".npz (one array per input) or folder of .npz/.npy [default: synthetic]"),
+    labels: Optional[Path] = typer.Option(None, "--labels", help=".npy of integer labels, one per sample: top-1/top-5 accuracy"),
+    tol: Optional[List[str]] = typer.Option(None, "--tol", help="allowed rel-L2 error: 1e-3, or OUTPUT=1e-3 (repeatable) [default: 1e-5]"),
+    max_drop: Optional[float] = typer.Option(None, "--max-drop", help="with --labels: allowed top-1 accuracy drop, e.g. 0.01 (1 point)"),
+    per_layer: bool = typer.Option(False, "--per-layer", help="match intermediate tensors and rank layers by the error they add"),
+    budget_mb: float = typer.Option(256, "--budget-mb", help="--per-layer: MiB of captured tensors per batch"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="use at most this many samples"),
+    input_shape: Optional[List[str]] = typer.Option(None, "--input-shape", help="NAME=1x3x224x224 for dynamic inputs without --data"),
+    latency_runs: Optional[int] = typer.Option(None, "--latency-runs", help="time both models over this many onnxruntime runs [default: 0, or 30 with an .html report]"),
+    report: Optional[Path] = typer.Option(None, "--report", help="also write the comparison: .json, .md or .html"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="print only errors (no progress bar, no tables)"),
+    debug: bool = typer.Option(False, "--debug", help="debug logging and tracebacks"),
+) -> int:
+    """Compare two models on the same inputs: per-output error distributions, accuracy, per-layer error.
+
+    Exit code 0 when every output is within tolerance (and the accuracy drop within --max-drop), 3 when not.
+    """
+    from onnxshrink.calib import parse_input_shapes
+    from onnxshrink.compare import DEFAULT_TOLERANCE, compare as compare_fn
+    from onnxshrink.validate import parse_tolerances
+
+    _setup_logging(debug, quiet)
+    _check_report_path(report, [ref, cand])
+    if max_drop is not None and not (0 <= max_drop <= 1):
+        raise UsageError(f"--max-drop {max_drop}: must be a fraction in [0, 1]", hint="0.01 allows one point")
+    if budget_mb <= 0:
+        raise UsageError("--budget-mb must be > 0")
+    if latency_runs is not None and latency_runs < 0:
+        raise UsageError("--latency-runs must be >= 0")
+    html = report is not None and report.suffix.lower() == ".html"
+    runs = latency_runs if latency_runs is not None else (30 if html else 0)
+    with _progress_bar(quiet) as progress:
+        diff = compare_fn(ref, cand, data=data, labels=labels, tolerance=parse_tolerances(tol, DEFAULT_TOLERANCE),
+                          max_drop=max_drop, per_layer=per_layer, budget_bytes=int(budget_mb * (1 << 20)),
+                          latency_runs=runs, limit=limit, input_shapes=parse_input_shapes(input_shape),
+                          progress=progress)
+    if report is not None:
+        suffix = report.suffix.lower()
+        if suffix == ".html":
+            from onnxshrink.html import compare_page
+
+            text = compare_page(diff)
+        else:
+            text = diff.to_json() if suffix == ".json" else diff.to_markdown()
+        _write_text(report, text)
+    if not quiet:
+        diff.render(Console(highlight=False))
+    if not diff.passed:
+        _err.print(f"error: outside tolerance: {diff.reason}")
+        _err.print("hint: the per-output table shows where; --per-layer ranks the layers that lose accuracy")
+        return 3
+    return 0
 
 
 @app.command()

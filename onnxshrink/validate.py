@@ -21,7 +21,7 @@ import logging
 import math
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -238,6 +238,9 @@ def compare_models(
     ref_session: Any = None,
     limit: int | None = None,
     batch: bool = True,
+    output_map: dict[str, str] | None = None,
+    observer: Callable[[str, np.ndarray, np.ndarray], None] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> ValidationResult:
     """Run both models on ``data`` and compare every output of the reference.
 
@@ -249,6 +252,10 @@ def compare_models(
         ref_session: a session of ``ref_path`` to reuse (optional).
         limit: compare on at most this many samples.
         batch: feed up to 32 samples at once when every input's axis 0 is dynamic.
+        output_map: the candidate's name for a reference output, where it differs (default: same name).
+        observer: called as ``observer(name, ref, cand)`` with the arrays of every float/integer output
+            of every batch (``onnxshrink.compare`` builds distributions and task metrics from it).
+        progress: callback ``(label, done, total)`` after every batch.
 
     Returns:
         A :class:`ValidationResult`: ``skipped`` if onnxruntime cannot run the original (the reason says
@@ -267,25 +274,30 @@ def compare_models(
                                 source=data.source, seconds=time.perf_counter() - start)
     out_names = [o.name for o in ref.get_outputs()]
     cand_names = {o.name for o in cand.get_outputs()}
-    missing = [n for n in out_names if n not in cand_names]
+    output_map = dict(output_map or {})
+    cand_out_names = [output_map.get(n, n) for n in out_names]
+    missing = [n for n, c in zip(out_names, cand_out_names) if c not in cand_names]
     if missing:
         return ValidationResult("failed", f"optimized model lacks output(s) {', '.join(missing)}",
                                 source=data.source, seconds=time.perf_counter() - start)
     accs = {n: _Acc() for n in out_names}
     batchable = batch and _batchable(ref) and _batchable(cand)
     samples = 0
+    total = data.num_samples if limit is None else min(limit, data.num_samples)
     for feed in data.batches(MAX_BATCH, batchable, limit):
         try:
             ref_out = ref.run(out_names, feed)
         except Exception as e:
             if batchable:
                 # Some models declare a dynamic batch axis but only run with batch 1: retry unbatched.
+                if observer is not None and hasattr(observer, "reset"):
+                    observer.reset()  # it may have seen batches already
                 return compare_models(ref_path, cand_path, data, tolerances, ref_session=ref, limit=limit,
-                                      batch=False)
+                                      batch=False, output_map=output_map, observer=observer, progress=progress)
             return ValidationResult("skipped", f"onnxruntime cannot run the original model: {_first_line(e)}",
                                     source=data.source, seconds=time.perf_counter() - start)
         try:
-            cand_out = cand.run(out_names, feed)
+            cand_out = cand.run(cand_out_names, feed)
         except Exception as e:
             return ValidationResult("failed", f"onnxruntime cannot run the optimized model: {_first_line(e)}",
                                     source=data.source, seconds=time.perf_counter() - start)
@@ -314,7 +326,11 @@ def compare_models(
             if r.dtype.kind == "O" or r.dtype.kind in "US":
                 accs[name].kind = "exact"
             accs[name].add(r, c)
-        samples += 1
+            if observer is not None and (accs[name].kind == "float" or r.dtype.kind in "iub"):
+                observer(name, r, c)
+        samples += len(next(iter(feed.values()))) if batchable and feed else 1
+        if progress is not None:
+            progress("comparing outputs", min(samples, total), total)
     # feeds may hold several samples each: report samples, not runs
     samples = data.num_samples if limit is None else min(limit, data.num_samples)
     for acc in accs.values():
