@@ -21,7 +21,9 @@ Modes
   (onnxruntime still fuses QLinearConv; it saves a scale per channel); ``format=qop`` makes them int32
   with ``s_b = s_x · s_W`` as QLinearConv requires. On x86 without VNNI the u8s8 integer kernels sum
   pairs of products in int16 and saturate, so ``target=cpu`` uses 7-bit weights (``reduce_range``). Concat inputs and outputs share one range (the union) so the
-  concat moves int8 without requantizing; data-movement ops share their input's range. Softmax,
+  concat moves int8 without requantizing; data-movement ops share their input's range; with
+  ``target=tensorrt`` both inputs of a residual Add share one range too (TensorRT then fuses the Add into
+  the Conv; onnxruntime's QLinearAdd rescales each input, so cpu/mobile keep the finer separate ranges). Softmax,
   LayerNormalization, GELU/Erf, Div, Pow, reductions and everything not listed stay float.
   ``format=qop`` then rewrites ``DQ → Conv/MatMul/Add → Q`` patterns into QLinearConv, QLinearMatMul and
   ``com.microsoft::QLinearAdd`` and drops ``Q(DQ(x))`` pairs with equal parameters.
@@ -985,6 +987,10 @@ class QuantPass(ShrinkPass):
                     if _is_activation(v):
                         members.add(v)
                         union(v, out)
+            elif (node.op_type == "Add" and self.options.target == "tensorrt"
+                  and all(v in plan for v in node.inputs[:2])):
+                # TensorRT fuses a residual Add into the Conv when both inputs share one scale
+                union(node.inputs[0], node.inputs[1])
             elif node.op_type in _SAME_RANGE_OPS and node.inputs and node.inputs[0] in plan:
                 for out in node.outputs:
                     if out in plan:

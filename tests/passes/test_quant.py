@@ -616,3 +616,20 @@ def test_prune_and_lowrank_then_quant(spec):
 def test_quant_before_prune_is_refused():
     with pytest.raises(onnxshrink.SpecError):
         onnxshrink.optimize(str(MODELS / "digits_cnn.onnx"), passes="quant,prune(ratio=0.3)", validate=False)
+
+
+def test_tensorrt_residual_add_inputs_share_one_scale():
+    result = onnxshrink.optimize(str(MODELS / "digits_resnet.onnx"), passes="fold,quant(mode=static,target=tensorrt)",
+                                 data=str(CALIB), latency=False)
+    assert result.ok
+    proto = ir.to_proto(result.model)
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    adds = [n for n in proto.graph.node if n.op_type == "Add"]
+    shared = 0
+    for add in adds:
+        dqs = [producers.get(i) for i in add.input]
+        if all(d is not None and d.op_type == "DequantizeLinear" for d in dqs):
+            assert float(inits[dqs[0].input[1]]) == float(inits[dqs[1].input[1]])  # one scale
+            shared += 1
+    assert shared >= 2
