@@ -23,7 +23,6 @@ from typing import Any, Callable
 import numpy as np
 import onnx
 import onnx_ir as ir
-from onnx_ir.passes import common as ir_common
 
 from onnxshrink.calib import Dataset, input_specs, load_data, synthetic_data
 from onnxshrink.errors import (
@@ -41,6 +40,7 @@ from onnxshrink.model import (
     ModelSource,
     check_output_path,
     external_data_files,
+    infer_shapes,
     load_model,
     model_stats,
     save_model,
@@ -89,6 +89,11 @@ class OptimizeResult:
     def ok(self) -> bool:
         """False if validation ran and failed."""
         return self.report.verdict != "failed"
+
+    @property
+    def target_ok(self) -> bool:
+        """False if a deploy-target check ran and found problems."""
+        return self.report.target is None or self.report.target.ok
 
     def save(self, path: str | os.PathLike, *, force: bool = False) -> Path:
         """Write the optimized model to ``path`` atomically.
@@ -161,6 +166,7 @@ def optimize(
     tolerance: float | Tolerances | None = None,
     output: str | os.PathLike | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    target: str | None = None,
 ) -> OptimizeResult:
     """Optimize a model with a pipeline of passes and validate the result against the original.
 
@@ -177,6 +183,8 @@ def optimize(
             the largest tolerance of the pipeline's passes.
         output: where :meth:`OptimizeResult.save` will write (lets validation run on the final file).
         progress: callback ``(label, done, total)`` for long work.
+        target: also check the result against a deploy target (``cpu``, ``mobile``, ``tensorrt``; see
+            :func:`onnxshrink.targets.check_target`); the outcome is ``report.target``.
 
     Returns:
         An :class:`OptimizeResult` (``.report``, ``.save()``, ``.model``).
@@ -189,6 +197,10 @@ def optimize(
     steps = parse(passes if passes is not None else DEFAULT_PIPELINE) if not isinstance(passes, list) else passes
     if not steps:
         raise UsageError("no passes to run", hint="give a pass spec such as 'fold'")
+    if target is not None:
+        from onnxshrink.targets import check_target_name
+
+        check_target_name(target)
     input_path = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
     if output is not None:
         check_output_path(output, [input_path] if input_path else [])
@@ -223,7 +235,7 @@ def optimize(
             save_model(m, ref_path)
         declared = snapshot_annotations(m)
         try:
-            ir_common.ShapeInferencePass(strict_mode=False)(m)
+            infer_shapes(m)
             context.cache["shapes_current"] = True  # the first pass need not infer them again
         except Exception:
             notes.append("shape inference failed on the input: MACs may be incomplete")
@@ -259,6 +271,11 @@ def optimize(
             validation.notes = notes + validation.notes
             notes = []
         after.file_bytes = _file_bytes(artifact)
+        target_check = None
+        if target is not None:
+            from onnxshrink.targets import check_target
+
+            target_check = check_target(artifact, target, input_shapes=input_shapes)
         report = Report(
             input=input_path or "<in-memory model>",
             output=None,
@@ -270,6 +287,7 @@ def optimize(
             seconds=time.perf_counter() - start,
             notes=notes,
             version=__version__,
+            target=target_check,
         )
         ok = True
         return OptimizeResult(m, report, artifact, workdir)

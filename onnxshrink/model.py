@@ -38,6 +38,7 @@ __all__ = [
     "Annotations",
     "snapshot_annotations",
     "strip_added_annotations",
+    "infer_shapes",
 ]
 
 logger = logging.getLogger(__name__)
@@ -460,3 +461,103 @@ def model_stats(model: ir.Model) -> ModelStats:
         opset=model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0)),
         op_counts=dict(sorted(op_counts.items())),
     )
+
+
+#: Initializers larger than this are handed to onnx shape inference as data-less stand-ins (type and
+#: dims only). Shape inference reads values only of small tensors (shapes, axes, indices).
+_INFER_INLINE_BYTES = 1024
+_STAND_IN_LOCATION = "onnxshrink-shape-inference-stand-in"
+
+
+def infer_shapes(model: ir.Model, *, data_prop: bool = True) -> bool:
+    """Infer value types and shapes with ``onnx.shape_inference`` and record them on the IR values.
+
+    Linear in the graph size: the model is serialized once with every initializer over 1 KiB replaced
+    by a data-less stand-in (so no weight is read or copied, and models over 2 GB work), inferred once
+    (not strict: a node onnx cannot infer, e.g. a custom op, just leaves its outputs unknown), and the
+    result is copied back by walking the inferred graph beside the IR graph (subgraphs included). Unlike
+    onnx_ir 1.1's ``ShapeInferencePass`` it never turns initializers into inputs (quadratic in their
+    number) and never deserializes the inferred model.
+
+    Args:
+        model: the model; only value types and shapes change (initializers also get their tensor's
+            dtype and dims).
+        data_prop: let onnx propagate small constant values (shape arithmetic) during inference.
+
+    Returns:
+        True if any value's type or shape changed.
+
+    Raises:
+        Exception: whatever ``onnx.shape_inference`` raises on a model it cannot handle at all; callers
+            decide whether that matters (the model is unchanged then).
+    """
+    swapped: list[tuple[ir.Value, ir.TensorProtocol]] = []
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if tensor is None:
+                continue
+            if value.shape is None:
+                value.shape = tensor.shape
+            if value.type is None:
+                value.type = ir.TensorType(tensor.dtype)
+            if tensor.nbytes > _INFER_INLINE_BYTES and not isinstance(tensor, ir.ExternalTensor):
+                stand_in = ir.ExternalTensor(_STAND_IN_LOCATION, 0, tensor.nbytes, tensor.dtype,
+                                             shape=tensor.shape, name=value.name or "")
+                swapped.append((value, tensor))
+                value.const_value = stand_in
+    try:
+        proto = ir.serde.serialize_model(model)
+    finally:
+        for value, tensor in swapped:
+            value.const_value = tensor
+    inferred = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=data_prop)
+    del proto
+    return _merge_inferred(model.graph, inferred.graph)
+
+
+def _apply_type(value: ir.Value, type_proto: onnx.TypeProto) -> bool:
+    try:
+        tp = ir.serde.deserialize_type_proto_for_type(type_proto)
+        shape = ir.serde.deserialize_type_proto_for_shape(type_proto)
+    except Exception:  # map types and other forms the IR does not model
+        return False
+    changed = False
+    if tp is not None and value.type != tp:
+        value.type = tp
+        changed = True
+    if shape is not None and value.shape != shape:
+        value.shape = shape
+        changed = True
+    return changed
+
+
+def _merge_inferred(graph: ir.Graph, graph_proto: onnx.GraphProto) -> bool:
+    """Copy inferred types/shapes of ``graph_proto`` (serialized from ``graph``) onto ``graph``'s values."""
+    infos = {vi.name: vi.type for vi in graph_proto.value_info}
+    for vi in graph_proto.output:
+        infos.setdefault(vi.name, vi.type)
+    changed = False
+    node_protos = graph_proto.node
+    same_nodes = len(node_protos) == len(graph)
+    for i, node in enumerate(graph):
+        for out in node.outputs:
+            if out.name and out.name in infos:
+                changed |= _apply_type(out, infos[out.name])
+        if not same_nodes:
+            continue
+        attr_protos = None
+        for attr in node.attributes.values():
+            if attr.type not in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS):
+                continue
+            if attr_protos is None:
+                attr_protos = {a.name: a for a in node_protos[i].attribute}
+            ap = attr_protos.get(attr.name)
+            if ap is None:
+                continue
+            if attr.type == ir.AttributeType.GRAPH:
+                changed |= _merge_inferred(attr.value, ap.g)
+            else:
+                for sub, sub_proto in zip(attr.value, ap.graphs):
+                    changed |= _merge_inferred(sub, sub_proto)
+    return changed

@@ -52,6 +52,7 @@ class Report:
     seconds: float
     notes: list[str] = dataclasses.field(default_factory=list)
     version: str = ""
+    target: Any = None  # onnxshrink.targets.TargetCheck when a deploy target was checked
 
     @property
     def verdict(self) -> str:
@@ -74,6 +75,7 @@ class Report:
             "passes": [p.to_dict() for p in self.passes],
             "validation": self.validation.to_dict() if self.validation is not None else None,
             "notes": list(self.notes),
+            "target": self.target.to_dict() if self.target is not None else None,
         }
 
     def to_json(self) -> str:
@@ -131,9 +133,19 @@ class Report:
                     f"{'-' if o.snr_db is None else f'{o.snr_db:.1f}'} | {'-' if o.top1 is None else f'{o.top1:.4f}'} | "
                     f"{o.tolerance:.3g} | {'yes' if o.passed else 'NO'} |"
                 )
+        if self.target is not None:
+            lines += ["", "## Deploy target", ""] + [f"- {x.strip()}" for x in self._target_lines()]
         if self.notes:
             lines += ["", "## Notes", ""] + [f"- {n}" for n in self.notes]
         return "\n".join(lines) + "\n"
+
+    def _target_lines(self) -> list[str]:
+        t = self.target
+        if t is None:
+            return []
+        head = f"target {t.target}: {'OK' if t.ok else f'{len(t.problems)} PROBLEM(S)'}"
+        return ([head] + [f"  problem: {p}" for p in t.problems] + [f"  checked: {c}" for c in t.checks]
+                + [f"  note: {n}" for n in t.notes])
 
     def __str__(self) -> str:
         return self.to_markdown()
@@ -175,5 +187,8 @@ class Report:
         color = {"passed": "green", "failed": "red"}.get(self.verdict, "yellow")
         for i, line in enumerate(self._validation_lines()):
             console.print(f"[{color}]{escape(line)}[/{color}]" if i == 0 else escape(line), highlight=False)
+        for i, line in enumerate(self._target_lines()):
+            tcolor = "green" if self.target.ok else "red"
+            console.print(f"[{tcolor}]{escape(line)}[/{tcolor}]" if i == 0 else escape(line), highlight=False)
         for n in self.notes:
             console.print(f"note: {escape(n)}", highlight=False)

@@ -35,7 +35,7 @@ X16 = np.load(MODELS / "digits_test.npz")["input"][:16]
 
 REPORT_KEYS = {
     "schema", "tool", "version", "input", "output", "pipeline", "verdict", "seconds", "before", "after",
-    "passes", "validation", "notes",
+    "passes", "validation", "notes", "target",
 }
 FOLD_SPEC = "fold(constants=true,noops=true,fuse_bn=true,dedup=true,max_growth=0,rounds=4)"
 
