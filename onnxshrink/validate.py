@@ -61,7 +61,7 @@ def parse_tolerances(items: list[str] | None, default: float) -> Tolerances:
         except ValueError:
             raise UsageError(f"bad --tol {item!r}", hint="write 1e-3 or OUTPUT=1e-3") from None
         if not math.isfinite(value) or value < 0:
-            raise UsageError(f"bad --tol {item!r}: must be a finite number >= 0")
+            raise UsageError(f"bad --tol {item!r}: must be a finite number >= 0", hint="write 1e-3 or OUTPUT=1e-3")
         if name:
             tol.per_output[name] = value
         else:
