@@ -323,7 +323,7 @@ class FoldPass(ShrinkPass):
             if nb is None:
                 in_elems = sum(t.size for t in (_const(v) for v in node.inputs) if t is not None)
                 if in_elems <= 64:
-                    return True
+                    return self._finite_inputs(node)
                 self._decline_once(node, "output size unknown: not folded (could grow the model)")
                 return False
             out_bytes += nb
@@ -340,6 +340,24 @@ class FoldPass(ShrinkPass):
         if growth > self.options.max_growth:
             self._decline_once(node, "folding would grow the model")
             return False
+        return self._finite_inputs(node)
+
+    def _finite_inputs(self, node: ir.Node) -> bool:
+        """False (and a counted decline) if a float constant input holds NaN/Inf: such tensors are left alone.
+
+        Only called for nodes about to be folded, whose inputs the folder reads anyway.
+        """
+        for v in node.inputs:
+            t = _const(v)
+            if t is None or t.dtype not in _FLOAT_TYPES:
+                continue
+            try:
+                finite = bool(np.isfinite(np.asarray(t.numpy(), dtype=np.float32)).all())
+            except Exception:
+                continue
+            if not finite:
+                self._decline_once(node, "constant holds NaN/Inf: left alone")
+                return False
         return True
 
     def _fold_constants(self, model: ir.Model) -> bool:
@@ -596,8 +614,15 @@ class FoldPass(ShrinkPass):
             return "producer output is a graph output"
         gamma, beta, mean, var = (np.asarray(p.numpy(), dtype=np.float64).reshape(-1) for p in params)
         eps = bn.attributes.get_float("epsilon", 1e-5)
-        s = gamma / np.sqrt(var + eps)
         W = np.asarray(w.numpy(), dtype=np.float64)
+        if not all(np.isfinite(a).all() for a in (gamma, beta, mean, var, W)) or (
+            b is not None and not np.isfinite(np.asarray(b.numpy(), dtype=np.float64)).all()
+        ):
+            return "weights hold NaN/Inf: left alone"
+        with np.errstate(invalid="ignore", divide="ignore"):
+            s = gamma / np.sqrt(var + eps)
+        if not np.isfinite(s).all():
+            return "variance + epsilon is not positive"
         op = prod.op_type
         if op == "Conv":
             if W.ndim < 3:
