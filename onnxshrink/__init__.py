@@ -13,6 +13,7 @@ original in onnxruntime → move into place (atomic). The input model is never m
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -261,8 +262,9 @@ def optimize(
                     hint="this pass broke the outputs; change its options or drop it from --passes",
                 )
 
-        records = run_pipeline(m, steps, context, after_each=after_each if validate_each else None)
-        after = model_stats(m)
+        records = run_pipeline(m, steps, context, after_each=after_each if validate_each else None,
+                               initial_stats=dataclasses.replace(before))
+        after = dataclasses.replace(records[-1].after) if records else model_stats(m)
         strip_added_annotations(m, declared)
         save_model(m, artifact)
         validation: ValidationResult | None = None

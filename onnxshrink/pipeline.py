@@ -298,6 +298,7 @@ def run_pipeline(
     context: PassContext,
     *,
     after_each: Callable[[Step, ir.Model, PassRecord], None] | None = None,
+    initial_stats: ModelStats | None = None,
 ) -> list[PassRecord]:
     """Run ``steps`` in order on ``model`` in place.
 
@@ -306,6 +307,8 @@ def run_pipeline(
         steps: resolved steps from :func:`parse`.
         context: what passes may use (data, shapes, progress).
         after_each: called after every pass (used for ``--validate-each``); may raise to stop.
+        initial_stats: :func:`~onnxshrink.model.model_stats` of ``model`` as given, if the caller has them
+            (saves one walk over the model).
 
     Returns:
         One :class:`PassRecord` per step.
@@ -315,7 +318,7 @@ def run_pipeline(
             unexpected exception.
     """
     records = []
-    stats = model_stats(model)
+    stats = initial_stats if initial_stats is not None else model_stats(model)
     for step in steps:
         info = step.info
         p = info.cls(step.options, context)
