@@ -101,8 +101,10 @@ def _check_graph(proto_or_path: onnx.ModelProto | str, where: str) -> None:
         raise ModelLoadError(f"{where} is not a valid ONNX graph: {first}", hint=_checker_hint(str(e))) from e
     except Exception as e:  # checker may raise other errors for unknown opsets etc.
         first = _one_line(e) if str(e).strip() else type(e).__name__
-        raise ModelLoadError(f"{where} cannot be checked: {first}", hint=_checker_hint(str(e))
-                             if _checker_hint(str(e)).startswith("the") else "is the onnx package too old?") from e
+        hint = _checker_hint(str(e))
+        if hint == _checker_hint(""):
+            hint = "is the onnx package too old?"
+        raise ModelLoadError(f"{where} cannot be checked: {first}", hint=hint) from e
 
 
 def _check_opsets(proto: onnx.ModelProto, where: str) -> None:

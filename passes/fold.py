@@ -355,7 +355,11 @@ class FoldPass(ShrinkPass):
             if t is None or t.dtype not in _FLOAT_TYPES:
                 continue
             try:
-                finite = bool(np.isfinite(np.asarray(t.numpy(), dtype=np.float32)).all())
+                arr = t.numpy()
+                try:
+                    finite = bool(np.isfinite(arr).all())
+                except TypeError:  # a dtype numpy's isfinite does not take: compare in float32
+                    finite = bool(np.isfinite(np.asarray(arr, dtype=np.float32)).all())
             except Exception:
                 continue
             if not finite:
