@@ -65,7 +65,10 @@ def sweep_one(entry, pass_name: str, src: str) -> dict:
     result = None
     try:
         try:
-            result = onnxshrink.optimize(src, pass_name, data=entry.inputs)
+            data = entry.inputs
+            if data is None and needs_data:
+                data = _synthetic(src)
+            result = onnxshrink.optimize(src, pass_name, data=data)
         except DataError:
             # the corpus inputs do not fit (optional/sequence inputs), or there are none: synthetic inputs
             result = onnxshrink.optimize(src, pass_name, data=_synthetic(src) if needs_data else None)

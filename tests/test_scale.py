@@ -124,3 +124,41 @@ def test_big_model_validation_opens_one_session_at_a_time(tmp_path, monkeypatch)
     assert v.status == "passed" and v.samples > 0
     assert peak[0] == 1
     assert any("one onnxruntime session at a time" in n for n in v.notes)
+
+
+# --------------------------------------------------------------------------------------------------
+# The benchmarks themselves, small enough to run on demand (pytest -m slow)
+
+
+@pytest.mark.slow
+def test_big_model_benchmark_peak_memory(tmp_path):
+    """A 1.25 GiB external-data model (over the one-session validation threshold) through fold."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "big_model.py"
+    out = tmp_path / "big.json"
+    proc = subprocess.run([sys.executable, str(script), "--gb", "1.25", "--json", str(out)],
+                          capture_output=True, text=True, timeout=1800)
+    runs = json.loads(out.read_text())["runs"]
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert all(r["exit"] == 0 and r["ratio"] < 1.5 for r in runs), runs
+    assert [r.get("verdict") for r in runs if r["validate"]] == ["passed"]
+
+
+@pytest.mark.slow
+def test_fold_time_is_linear_in_graph_size(tmp_path):
+    """CPU time per node at 20k nodes within 1.5x of the one at 2k (benchmarks/scale_fold.py)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "scale_fold.py"
+    out = tmp_path / "scale.json"
+    subprocess.run([sys.executable, str(script), "--sizes", "2000,20000", "--json", str(out)],
+                   capture_output=True, text=True, timeout=1800, check=True)
+    ratio = json.loads(out.read_text())["per_node_ratio"]["total_cpu_seconds"]
+    assert ratio < 1.5, ratio
