@@ -7,7 +7,8 @@
 * ``mobile`` — onnxruntime's own converter (``python -m onnxruntime.tools.convert_onnx_models_to_ort``)
   turns the model into the ORT format in a temporary folder, and quantized activations are uint8
   (NNAPI runs no int8 activations; int8 *weights* are fine, ORT converts them). Dynamic input axes are
-  noted (NNAPI and CoreML need fixed shapes).
+  noted (NNAPI and CoreML need fixed shapes), and so is onnxruntime's usability checker's estimate of the
+  NNAPI/CoreML partitions and node coverage (advice, not a failure: the CPU provider runs the rest).
 * ``tensorrt`` — static rules of TensorRT's explicit quantization (its ONNX parser): opset ≥ 13, QDQ format
   only (no ``DynamicQuantizeLinear``, no ``QLinear*``/``*Integer`` ops), int8 with zero points that are
   constant zeros, scales that are constants, per-axis scales only on weights (a DequantizeLinear fed by an
@@ -293,6 +294,7 @@ def _check_mobile(model: ir.Model, path: Path, result: TargetCheck, tmp: Path) -
         result.problems.append(f"onnxruntime cannot convert the model to ORT format: {err[:300]}")
         return
     result.checks.append(f"converted to ORT format with onnxruntime's tools ({produced[0].stat().st_size:,} bytes)")
+    _mobile_usability(link, result)
     dynamic = [v.name for v in model.graph.inputs if not v.is_initializer()
                and (v.shape is None or any(not isinstance(d, int) for d in v.shape))]
     if dynamic:
@@ -300,6 +302,35 @@ def _check_mobile(model: ir.Model, path: Path, result: TargetCheck, tmp: Path) -
             f"input(s) {', '.join(map(repr, dynamic))} have dynamic axes: NNAPI/CoreML need fixed shapes "
             "(the CPU provider is fine)"
         )
+
+
+def _mobile_usability(path: Path, result: TargetCheck) -> None:
+    """Notes from onnxruntime's mobile usability checker: NNAPI/CoreML partitions and node coverage."""
+    import re
+
+    cmd = [sys.executable, "-m", "onnxruntime.tools.check_onnx_model_mobile_usability", str(path)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        result.notes.append("onnxruntime's mobile usability checker timed out")
+        return
+    text = proc.stdout + "\n" + proc.stderr
+    ep = None
+    found = False
+    for line in text.splitlines():
+        m = re.search(r"Checking (NNAPI|CoreML \w+)", line)
+        if m:
+            ep = m.group(1)
+            continue
+        m = re.search(r"(\d+) partitions with a total of (\d+)/(\d+) nodes", line)
+        if m and ep:
+            result.notes.append(f"{ep}: {m.group(1)} partition(s) covering {m.group(2)}/{m.group(3)} nodes "
+                                "(onnxruntime's usability checker; the rest runs on the CPU provider)")
+            found = True
+    if found:
+        result.checks.append("NNAPI/CoreML coverage estimated with onnxruntime's usability checker (see notes)")
+    else:
+        result.notes.append("onnxruntime's mobile usability checker gave no estimate")
 
 
 def _external_files(path: Path) -> list[Path]:

@@ -234,6 +234,7 @@ def test_mobile_uint8_qdq_converts(tmp_path):
     res = check_target(_qdq_conv(tmp_path, act_dtype=np.uint8, act_zp=128), "mobile")
     assert res.ok, res
     assert any(c.startswith("converted to ORT format") for c in res.checks)
+    assert any(n.startswith("NNAPI: 1 partition(s) covering 4/4 nodes") for n in res.notes), res.notes
 
 
 def test_mobile_int8_activations_and_unconvertible_model(tmp_path):
