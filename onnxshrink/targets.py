@@ -412,7 +412,10 @@ def _check_qdq_node(node: ir.Node, result: TargetCheck) -> None:
         not is_q and node.inputs[0] is not None and (p := node.inputs[0].producer()) is not None
         and p.op_type == "QuantizeLinear" and _is_weight(p.inputs[0])
     )
-    if qtype is not None and qtype not in _INT8_OK | _FLOAT8:
+    if qtype == ir.DataType.INT32:
+        result.problems.append(f"{label}: int32 quantization (a quantized bias?) is not supported by TensorRT; "
+                               "keep biases float")
+    elif qtype is not None and qtype not in _INT8_OK | _FLOAT8:
         result.problems.append(f"{label}: quantized type is {qtype.name.lower()}, TensorRT needs int8 "
                                "(symmetric; uint8 only as a network input/output)")
     elif qtype == ir.DataType.INT4 and not weight:

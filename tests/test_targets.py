@@ -174,6 +174,14 @@ def test_tensorrt_custom_domain_and_unsupported_op(tmp_path):
                         "TfIdfVectorizer node 'tfidf': op not supported by TensorRT's ONNX parser"]
 
 
+def test_tensorrt_int32_bias_dequantize(tmp_path):
+    inits = [nh.from_array(np.arange(4, dtype=np.int32), "b_q"), nh.from_array(np.array(0.01, np.float32), "b_s")]
+    p = _single_node(tmp_path, h.make_node("DequantizeLinear", ["b_q", "b_s"], ["y"], name="dq_bias"), [],
+                     [h.make_tensor_value_info("y", T.FLOAT, [4])], inits)
+    assert _problems(p) == ["DequantizeLinear node 'dq_bias': int32 quantization (a quantized bias?) is not "
+                            "supported by TensorRT; keep biases float"]
+
+
 def test_tensorrt_accepts_a_float_model(tmp_path):
     assert _problems(MODELS / "digits_cnn.onnx") == []
 
