@@ -34,6 +34,7 @@ from onnxshrink.errors import (
     PassFailedError,
     ShrinkError,
     SpecError,
+    TargetCheckFailedError,
     UsageError,
     ValidationFailedError,
 )
@@ -69,6 +70,7 @@ __all__ = [
     "OutputPathError",
     "PassFailedError",
     "ValidationFailedError",
+    "TargetCheckFailedError",
 ]
 
 
@@ -105,12 +107,19 @@ class OptimizeResult:
 
         Raises:
             ValidationFailedError: validation failed and ``force`` is False.
+            TargetCheckFailedError: the deploy-target check found problems and ``force`` is False.
             OutputPathError: ``path`` is the input or not writable.
         """
         if not self.ok and not force:
             raise ValidationFailedError(
                 f"validation failed: {self.report.validation.reason if self.report.validation else ''}; not saved",
                 hint="pass force=True (CLI: --force) to write it anyway",
+            )
+        if not self.target_ok and not force:
+            tc = self.report.target
+            raise TargetCheckFailedError(
+                f"the result does not pass the {tc.target} checks: {tc.problems[0]}; not saved",
+                hint="report.target lists every problem; pass force=True (CLI: --force) to write it anyway",
             )
         inputs = [self.report.input] if self.report.input and os.path.exists(self.report.input) else []
         dest = check_output_path(path, inputs)

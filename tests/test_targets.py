@@ -311,3 +311,20 @@ def test_cli_optimize_unknown_target_exit_2(tmp_path, capsys):
     code, _, err = _cli(capsys, "optimize", tmp_path / "cnn.onnx", "--target", "tensorrtt")
     assert code == 2 and "did you mean 'tensorrt'?" in err
     assert not (tmp_path / "cnn.small.onnx").exists()
+
+
+def test_api_save_refuses_a_result_that_fails_its_target(tmp_path):
+    import onnxshrink
+    from onnxshrink.errors import TargetCheckFailedError
+
+    src = _qdq_conv(tmp_path, "q.onnx", act_dtype=np.uint8, act_zp=128)
+    res = onnxshrink.optimize(src, "fold", target="tensorrt")
+    assert res.ok and not res.target_ok and len(res.report.target.problems) == 4
+    assert res.report.to_dict()["target"]["ok"] is False
+    with pytest.raises(TargetCheckFailedError, match="does not pass the tensorrt checks") as exc:
+        res.save(tmp_path / "o.onnx")
+    assert exc.value.exit_code == 1 and not (tmp_path / "o.onnx").exists()
+    res.save(tmp_path / "o.onnx", force=True)
+    assert (tmp_path / "o.onnx").exists()
+    with pytest.raises(UsageError, match="unknown target"):
+        onnxshrink.optimize(src, "fold", target="trt")
