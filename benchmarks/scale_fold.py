@@ -155,7 +155,25 @@ def _load(path: str) -> Any:
     return load_model(path)
 
 
-def worker_main(path: str, out: str, profile_out: str | None) -> int:
+def _cpu() -> float:
+    """CPU seconds (user + system) of this process so far: robust to other load on a shared machine."""
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def _data_for(path: str, spec: str) -> Any:
+    """Synthetic data when a pass of ``spec`` needs data (quant/prune with calibration), else None."""
+    from onnxshrink.calib import input_specs, synthetic_data
+    from onnxshrink.pipeline import parse
+
+    if not any(s.info.cls.needs_data for s in parse(spec)):
+        return None
+    return synthetic_data(input_specs(_load(path)), num_samples=4)[0]
+
+
+def worker_main(path: str, out: str, profile_out: str | None, spec: str = "fold") -> int:
     import resource
 
     import onnx
@@ -167,23 +185,26 @@ def worker_main(path: str, out: str, profile_out: str | None) -> int:
     model = _load(path)
     result["load_seconds"] = time.perf_counter() - t
     del model
+    data = _data_for(path, spec)
     if profile_out:
         import cProfile
 
         profiler = cProfile.Profile()
-        t = time.perf_counter()
+        t, c = time.perf_counter(), _cpu()
         profiler.enable()
-        res = onnxshrink.optimize(path, passes="fold", validate=False)
+        res = onnxshrink.optimize(path, passes=spec, validate=False, data=data)
         profiler.disable()
         result["total_seconds"] = time.perf_counter() - t
+        result["total_cpu_seconds"] = _cpu() - c
         profiler.dump_stats(profile_out)
     else:
-        t = time.perf_counter()
-        res = onnxshrink.optimize(path, passes="fold", validate=False)
+        t, c = time.perf_counter(), _cpu()
+        res = onnxshrink.optimize(path, passes=spec, validate=False, data=data)
         result["total_seconds"] = time.perf_counter() - t
+        result["total_cpu_seconds"] = _cpu() - c
     report = res.report.to_dict()
     passes = report.get("passes") or [{}]
-    result["fold_seconds"] = passes[0].get("seconds")
+    result["fold_seconds"] = sum(p.get("seconds") or 0 for p in passes)  # all passes of the spec
     t = time.perf_counter()
     saved = res.save(out)
     result["save_seconds"] = time.perf_counter() - t
@@ -194,8 +215,8 @@ def worker_main(path: str, out: str, profile_out: str | None) -> int:
     return 0
 
 
-def run_worker(path: Path, out: Path, profile_out: Path | None, timeout: float) -> dict[str, Any]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(path), str(out)]
+def run_worker(path: Path, out: Path, profile_out: Path | None, timeout: float, spec: str = "fold") -> dict[str, Any]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(path), str(out), "--passes", spec]
     if profile_out:
         cmd += ["--profile-out", str(profile_out)]
     t = time.perf_counter()
@@ -236,10 +257,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="OUT", help="write the measurements to this JSON file")
     parser.add_argument("--keep", metavar="DIR", help="keep the generated models in DIR")
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--passes", default="fold",
+                        help="pass spec to time (default fold); passes that need data get synthetic data")
+    parser.add_argument("--each-pass", action="store_true",
+                        help="time every registered pass on its own, with its defaults (overrides --passes)")
     parser.add_argument("--profile-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        return worker_main(args.worker[0], args.worker[1], args.profile_out)
+        return worker_main(args.worker[0], args.worker[1], args.profile_out, args.passes)
+    if args.each_pass:
+        from onnxshrink.registry import all_passes
+
+        code = 0
+        for info in all_passes():
+            print(f"\n===== pass {info.name} =====", flush=True)
+            sub = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--each-pass"]
+            if args.json:
+                i = sub.index("--json")
+                sub[i + 1] = str(Path(args.json).with_suffix(f".{info.name}.json"))
+            code |= main(sub + ["--passes", info.name])
+        return code
 
     import onnx
 
@@ -258,18 +295,20 @@ def main(argv: list[str] | None = None) -> int:
             del model
             print(f"generated {nodes} nodes, {path.stat().st_size / 2**20:.1f} MiB in {gen:.1f} s; running fold ...",
                   flush=True)
-            result = run_worker(path, workdir / f"scale_{size}.out.onnx", None, args.timeout)
+            result = run_worker(path, workdir / f"scale_{size}.out.onnx", None, args.timeout, args.passes)
             result.update(size=size, nodes=nodes, bytes=path.stat().st_size)
             rows.append(result)
             if "error" in result:
                 print(f"  onnxshrink failed: {result['error']}")
             else:
-                print(f"  load {result['load_seconds']:.2f} s, fold {result['fold_seconds']:.2f} s, "
-                      f"total {result['total_seconds']:.2f} s, {result['nodes_after']} nodes after", flush=True)
+                print(f"  load {result['load_seconds']:.2f} s, passes {result['fold_seconds']:.2f} s, "
+                      f"total {result['total_seconds']:.2f} s (CPU {result['total_cpu_seconds']:.2f} s), "
+                      f"{result['nodes_after']} nodes after", flush=True)
 
-        print("\nonnxshrink fold on synthetic graphs (per-node times in microseconds)")
-        header = ["nodes", "MiB", "nodes after", "load s", "fold s", "total s", "other s", "save s",
-                  "peak RSS MiB", "load µs/node", "fold µs/node", "total µs/node"]
+        print(f"\nonnxshrink {args.passes} on synthetic graphs (per-node times in microseconds; 'passes' = the "
+              "pipeline's passes, 'total' = the whole optimize call, wall clock; 'total CPU' = its CPU time)")
+        header = ["nodes", "MiB", "nodes after", "load s", "passes s", "total s", "total CPU s", "other s", "save s",
+                  "peak RSS MiB", "load µs/node", "passes µs/node", "total µs/node", "CPU µs/node"]
         table = []
         for r in rows:
             if "error" in r:
@@ -279,9 +318,9 @@ def main(argv: list[str] | None = None) -> int:
             table.append([
                 str(r["nodes"]), f"{r['bytes'] / 2**20:.1f}", str(r["nodes_after"]),
                 f"{r['load_seconds']:.2f}", f"{r['fold_seconds']:.2f}", f"{r['total_seconds']:.2f}",
-                f"{other:.2f}", f"{r['save_seconds']:.2f}", f"{r['peak_rss'] / 2**20:.0f}",
+                f"{r['total_cpu_seconds']:.2f}", f"{other:.2f}", f"{r['save_seconds']:.2f}", f"{r['peak_rss'] / 2**20:.0f}",
                 f"{1e6 * r['load_seconds'] / r['nodes']:.1f}", f"{1e6 * r['fold_seconds'] / r['nodes']:.1f}",
-                f"{1e6 * r['total_seconds'] / r['nodes']:.1f}",
+                f"{1e6 * r['total_seconds'] / r['nodes']:.1f}", f"{1e6 * r['total_cpu_seconds'] / r['nodes']:.1f}",
             ])
         widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(header)]
         print("  " + "  ".join(h.rjust(w) for h, w in zip(header, widths)))
@@ -297,11 +336,12 @@ def main(argv: list[str] | None = None) -> int:
             small, large = ok[0], ok[-1]
             print(f"\nper-node time ratio {large['nodes']} vs {small['nodes']} nodes "
                   f"(linear means ≤ {LINEAR_LIMIT}):")
-            for key in ("load_seconds", "fold_seconds", "total_seconds"):
+            for key in ("load_seconds", "fold_seconds", "total_seconds", "total_cpu_seconds"):
                 ratio = (large[key] / large["nodes"]) / (small[key] / small["nodes"])
                 verdict[key] = ratio
                 label = "linear" if ratio <= LINEAR_LIMIT else "SUPER-LINEAR"
-                print(f"  {key.split('_')[0]:>5}: {ratio:.2f}  {label}")
+                name = {"fold_seconds": "passes", "total_cpu_seconds": "total CPU"}.get(key, key.split("_")[0])
+                print(f"  {name:>9}: {ratio:.2f}  {label}")
         superlinear = any(v > LINEAR_LIMIT for v in verdict.values())
         if ok and (args.profile or superlinear):
             largest = ok[-1]
@@ -309,14 +349,15 @@ def main(argv: list[str] | None = None) -> int:
             stats = workdir / "fold.prof"
             why = "super-linear growth" if superlinear else "--profile"
             print(f"\nprofiling optimize() on {largest['nodes']} nodes ({why}) ...", flush=True)
-            prof = run_worker(path, workdir / "profiled.onnx", stats, args.timeout * 2)
+            prof = run_worker(path, workdir / "profiled.onnx", stats, args.timeout * 2, args.passes)
             if "error" in prof:
                 print(f"  profiling failed: {prof['error']}")
             else:
                 print(f"  total under cProfile {prof['total_seconds']:.1f} s")
                 _print_profile(stats, args.top)
         if args.json:
-            Path(args.json).write_text(json.dumps({"runs": rows, "per_node_ratio": verdict}, indent=1))
+            Path(args.json).write_text(json.dumps({"passes": args.passes, "runs": rows, "per_node_ratio": verdict},
+                                                  indent=1))
             print(f"wrote {args.json}")
     finally:
         if not args.keep:

@@ -13,6 +13,7 @@ original in onnxruntime → move into place (atomic). The input model is never m
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -23,7 +24,6 @@ from typing import Any, Callable
 import numpy as np
 import onnx
 import onnx_ir as ir
-from onnx_ir.passes import common as ir_common
 
 from onnxshrink.calib import Dataset, StatsStore, input_specs, load_data, synthetic_data
 from onnxshrink.errors import (
@@ -34,6 +34,7 @@ from onnxshrink.errors import (
     PassFailedError,
     ShrinkError,
     SpecError,
+    TargetCheckFailedError,
     UsageError,
     ValidationFailedError,
 )
@@ -41,6 +42,7 @@ from onnxshrink.model import (
     ModelSource,
     check_output_path,
     external_data_files,
+    infer_shapes,
     load_model,
     model_stats,
     save_model,
@@ -68,6 +70,7 @@ __all__ = [
     "OutputPathError",
     "PassFailedError",
     "ValidationFailedError",
+    "TargetCheckFailedError",
 ]
 
 
@@ -95,6 +98,11 @@ class OptimizeResult:
         """False if validation ran and failed, or ``require_faster`` was set and the result is slower."""
         return self.report.verdict not in ("failed", "slower")
 
+    @property
+    def target_ok(self) -> bool:
+        """False if a deploy-target check ran and found problems."""
+        return self.report.target is None or self.report.target.ok
+
     def save(self, path: str | os.PathLike, *, force: bool = False) -> Path:
         """Write the optimized model to ``path`` atomically.
 
@@ -104,12 +112,19 @@ class OptimizeResult:
 
         Raises:
             ValidationFailedError: validation failed and ``force`` is False.
+            TargetCheckFailedError: the deploy-target check found problems and ``force`` is False.
             OutputPathError: ``path`` is the input or not writable.
         """
         if not self.ok and not force:
             raise ValidationFailedError(
                 f"validation failed: {self.report.validation.reason if self.report.validation else ''}; not saved",
                 hint="pass force=True (CLI: --force) to write it anyway",
+            )
+        if not self.target_ok and not force:
+            tc = self.report.target
+            raise TargetCheckFailedError(
+                f"the result does not pass the {tc.target} checks: {tc.problems[0]}; not saved",
+                hint="report.target lists every problem; pass force=True (CLI: --force) to write it anyway",
             )
         inputs = [self.report.input] if self.report.input and os.path.exists(self.report.input) else []
         dest = check_output_path(path, inputs)
@@ -195,6 +210,7 @@ def optimize(
     latency: bool | None = None,
     require_faster: bool = False,
     cache: bool = True,
+    target: str | None = None,
 ) -> OptimizeResult:
     """Optimize a model with a pipeline of passes and validate the result against the original.
 
@@ -218,6 +234,8 @@ def optimize(
         require_faster: fail (``ok`` False, exit code 3 in the CLI) if the result is measurably slower.
         cache: keep calibration statistics between runs (``$ONNXSHRINK_CACHE_DIR``, default
             ``~/.cache/onnxshrink``) so a re-run with other options reuses them.
+        target: also check the result against a deploy target (``cpu``, ``mobile``, ``tensorrt``; see
+            :func:`onnxshrink.targets.check_target`); the outcome is ``report.target``.
 
     Returns:
         An :class:`OptimizeResult` (``.report``, ``.save()``, ``.model``).
@@ -230,6 +248,10 @@ def optimize(
     steps = parse(passes if passes is not None else DEFAULT_PIPELINE) if not isinstance(passes, list) else passes
     if not steps:
         raise UsageError("no passes to run", hint="give a pass spec such as 'fold'")
+    if target is not None:
+        from onnxshrink.targets import check_target_name
+
+        check_target_name(target)
     input_path = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
     if output is not None:
         check_output_path(output, [input_path] if input_path else [])
@@ -266,7 +288,7 @@ def optimize(
             save_model(m, ref_path)
         declared = snapshot_annotations(m)
         try:
-            ir_common.ShapeInferencePass(strict_mode=False)(m)
+            infer_shapes(m)
             context.cache["shapes_current"] = True  # the first pass need not infer them again
         except Exception:
             notes.append("shape inference failed on the input: MACs may be incomplete")
@@ -292,8 +314,9 @@ def optimize(
                     hint="this pass broke the outputs; change its options or drop it from --passes",
                 )
 
-        records = run_pipeline(m, steps, context, after_each=after_each if validate_each else None)
-        after = model_stats(m)
+        records = run_pipeline(m, steps, context, after_each=after_each if validate_each else None,
+                               initial_stats=dataclasses.replace(before))
+        after = dataclasses.replace(records[-1].after) if records else model_stats(m)
         strip_added_annotations(m, declared)
         save_model(m, artifact)
         validation: ValidationResult | None = None
@@ -315,6 +338,11 @@ def optimize(
                     notes.append(f"SLOWER: the result takes {lat.after_ms:.3f} ms vs {lat.before_ms:.3f} ms "
                                  f"for the original at batch {lat.batch} (x{lat.ratio:.2f}, onnxruntime CPU, "
                                  f"{lat.threads} thread)")
+        target_check = None
+        if target is not None:
+            from onnxshrink.targets import check_target
+
+            target_check = check_target(artifact, target, input_shapes=input_shapes)
         report = Report(
             input=input_path or "<in-memory model>",
             output=None,
@@ -328,6 +356,7 @@ def optimize(
             version=__version__,
             latency=measured,
             require_faster=require_faster,
+            target=target_check,
         )
         ok = True
         return OptimizeResult(m, report, artifact, workdir)

@@ -59,7 +59,8 @@ def input_specs(model: ir.Model) -> list[InputSpec]:
             continue
         dtype = value.dtype
         if dtype is None:
-            raise DataError(f"input {value.name!r} has no declared type", tensor=value.name)
+            raise DataError(f"input {value.name!r} has no declared type", tensor=value.name,
+                            hint="the model must declare its inputs' types; re-export it")
         try:
             np_dtype = np.dtype(dtype.numpy())
         except Exception:
@@ -134,7 +135,8 @@ class Dataset:
 def _fit_array(spec: InputSpec, arr: np.ndarray, origin: str) -> np.ndarray:
     """Check one array against its input and return it as ``[n, *feed_shape]`` in the input's dtype."""
     if not isinstance(arr, np.ndarray) or arr.dtype == object:
-        raise DataError(f"{origin}: array for input {spec.name!r} is not numeric", tensor=spec.name)
+        raise DataError(f"{origin}: array for input {spec.name!r} is not numeric", tensor=spec.name,
+                        hint="save plain numeric arrays (np.savez)")
     rank = spec.rank
     if rank is None:
         stacked = arr[None]
@@ -200,7 +202,8 @@ def _fit_chunk(specs: list[InputSpec], arrays: dict[str, np.ndarray], origin: st
     out = {s.name: _fit_array(s, arrays[s.name], origin) for s in specs}
     counts = {len(v) for v in out.values()}
     if len(counts) > 1:
-        raise DataError(f"{origin}: inputs have different sample counts {sorted(counts)}")
+        raise DataError(f"{origin}: inputs have different sample counts {sorted(counts)}",
+                        hint="give every input the same number of samples")
     return out
 
 
@@ -216,7 +219,7 @@ def _read_npy(path: Path) -> np.ndarray:
     try:
         return np.load(path, allow_pickle=False)
     except Exception as e:
-        raise DataError(f"cannot read {path}: {type(e).__name__}: {e}") from e
+        raise DataError(f"cannot read {path}: {type(e).__name__}: {e}", hint="save the data with np.savez / np.save") from e
 
 
 def load_data(path: str | os.PathLike, specs: list[InputSpec]) -> Dataset:
@@ -227,7 +230,7 @@ def load_data(path: str | os.PathLike, specs: list[InputSpec]) -> Dataset:
     """
     p = Path(os.fspath(path))
     if not p.exists():
-        raise DataError(f"data path {p} does not exist")
+        raise DataError(f"data path {p} does not exist", hint="check the --data path")
     chunks: list[Callable[[], dict[str, np.ndarray]]] = []
     if p.is_file():
         if p.suffix == ".npy" and len(specs) == 1:
@@ -259,7 +262,7 @@ def load_data(path: str | os.PathLike, specs: list[InputSpec]) -> Dataset:
         total += len(next(iter(chunk.values())))
         del chunk
     if total == 0:
-        raise DataError(f"data {p} holds no samples")
+        raise DataError(f"data {p} holds no samples", hint="give at least one sample per input")
     return Dataset(chunks, total, str(p))
 
 
@@ -277,12 +280,14 @@ def resolve_shape(spec: InputSpec, input_shapes: dict[str, list[int]]) -> tuple[
                 raise DataError(
                     f"--input-shape for {spec.name!r} has {len(shape)} dims, the input has {len(spec.shape)}",
                     tensor=spec.name,
+                    hint=f"give {len(spec.shape)} dims, e.g. {spec.name}=" + "x".join(str(d or 1) for d in spec.shape),
                 )
             for axis, (want, got) in enumerate(zip(spec.shape, shape)):
                 if want is not None and want != got:
                     raise DataError(
                         f"--input-shape for {spec.name!r} sets axis {axis} to {got}, the model fixes it to {want}",
                         tensor=spec.name,
+                        hint="set only the dynamic axes differently; keep the model's fixed ones",
                     )
         return shape, notes
     if spec.shape is None:

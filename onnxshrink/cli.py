@@ -1,4 +1,4 @@
-"""Command line: ``onnxshrink optimize | compare | inspect | passes``. No logic of its own.
+"""Command line: ``onnxshrink optimize | compare | check | inspect | passes``. No logic of its own.
 
 Errors are printed as ``error: ...`` and ``hint: ...`` on stderr with no traceback (unless ``--debug``);
 exit codes: 0 ok, 1 failure, 2 bad usage or input, 3 validation failed.
@@ -126,6 +126,7 @@ def optimize(
     require_faster: bool = typer.Option(False, "--require-faster", help="fail (exit 3) if the result is slower than the original in onnxruntime"),
     latency: Optional[bool] = typer.Option(None, "--latency/--no-latency", help="measure ORT CPU latency before/after [default: when a pass other than fold runs]"),
     latency_runs: int = typer.Option(30, "--latency-runs", help="for --report x.html: onnxruntime runs per model to time (0: skip)"),
+    target: Optional[str] = typer.Option(None, "--target", help="check the result loads on cpu|mobile|tensorrt (exit 1 if not; nothing written unless --force)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="print only errors (no progress bar)"),
     debug: bool = typer.Option(False, "--debug", help="debug logging and tracebacks"),
 ) -> int:
@@ -137,6 +138,10 @@ def optimize(
     from onnxshrink.validate import parse_tolerances
 
     _setup_logging(debug, quiet)
+    if target is not None:
+        from onnxshrink.targets import check_target_name
+
+        check_target_name(target)
     steps = parse(passes if passes is not None else DEFAULT_PIPELINE)
     if max_drop is not None:
         steps = _with_max_drop(steps, max_drop)
@@ -162,10 +167,12 @@ def optimize(
             labels=labels,
             latency=latency,
             require_faster=require_faster,
+            target=target,
         )
     try:
         failed = not result.ok
-        if not failed or force:
+        target_failed = not result.target_ok
+        if (not failed and not target_failed) or force:
             result.save(out, force=force)
         rep = result.report
         if report is not None:
@@ -198,6 +205,16 @@ def optimize(
             else:
                 _err.print("hint: nothing was written; loosen --tol, change the passes, or use --force")
             return 3
+        if target_failed:
+            tc = rep.target
+            _err.print(f"error: the result does not pass the {tc.target} checks: {tc.problems[0]}"
+                       + (f" (and {len(tc.problems) - 1} more)" if len(tc.problems) > 1 else ""))
+            if force:
+                _err.print(f"hint: written anyway to {out} because of --force")
+            else:
+                _err.print("hint: nothing was written (the report lists every problem); change the passes "
+                           "or use --force")
+            return 1
         if not quiet and rep.output:
             Console(highlight=False, markup=False).print(f"wrote {rep.output}")
         return 0
@@ -271,15 +288,13 @@ def inspect(
 ) -> int:
     """Show size by op type, parameters, MACs, opset, inputs/outputs and what each pass could do."""
     import onnx_ir as ir
-    from onnx_ir.passes import common as ir_common
-
-    from onnxshrink.model import constant_tensors, load_model, model_stats
+    from onnxshrink.model import constant_tensors, infer_shapes, load_model, model_stats
     from onnxshrink.registry import all_passes
 
     _setup_logging(debug, False)
     m = load_model(model)
     try:
-        ir_common.ShapeInferencePass(strict_mode=False)(m)
+        infer_shapes(m)
     except Exception:  # custom ops: MACs of what follows them may be unknown
         pass
     stats = model_stats(m)
@@ -334,6 +349,35 @@ def inspect(
     for name, text in info["passes"].items():
         con.print(f"  pass [cyan]{name}[/cyan]: {escape(text)}")
     return 0
+
+
+@app.command()
+def check(
+    model: Path = typer.Argument(..., help="the ONNX model to check (never modified)"),
+    target: str = typer.Option(..., "--target", "-t", help="cpu | mobile | tensorrt"),
+    input_shape: Optional[List[str]] = typer.Option(None, "--input-shape", help="NAME=1x3x224x224 for dynamic inputs (cpu: to run it)"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of text"),
+    debug: bool = typer.Option(False, "--debug", help="debug logging and tracebacks"),
+) -> int:
+    """Check that a model loads where it will be deployed: exit 0 ok, 1 problems found, 2 bad input."""
+    from onnxshrink.calib import parse_input_shapes
+    from onnxshrink.targets import check_target, check_target_name
+
+    _setup_logging(debug, False)
+    check_target_name(target)
+    result = check_target(model, target, input_shapes=parse_input_shapes(input_shape))
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        con = Console(highlight=False, markup=False, soft_wrap=True)
+        con.print(f"{model}: target {target}: " + ("OK" if result.ok else f"{len(result.problems)} problem(s)"))
+        for p in result.problems:
+            con.print(f"  problem: {p}")
+        for c in result.checks:
+            con.print(f"  checked: {c}")
+        for n in result.notes:
+            con.print(f"  note: {n}")
+    return 0 if result.ok else 1
 
 
 @app.command(name="passes")

@@ -22,6 +22,7 @@ __all__ = [
     "OutputPathError",
     "PassFailedError",
     "ValidationFailedError",
+    "TargetCheckFailedError",
 ]
 
 
@@ -110,3 +111,9 @@ class ValidationFailedError(ShrinkError):
     """The optimized model's outputs differ from the original beyond tolerance (exit 3)."""
 
     exit_code = 3
+
+
+class TargetCheckFailedError(ShrinkError):
+    """The optimized model breaks a rule of the requested deploy target (``--target``) (exit 1)."""
+
+    exit_code = 1

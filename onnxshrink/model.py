@@ -38,6 +38,7 @@ __all__ = [
     "Annotations",
     "snapshot_annotations",
     "strip_added_annotations",
+    "infer_shapes",
 ]
 
 logger = logging.getLogger(__name__)
@@ -71,18 +72,76 @@ def _check_external_data(model: ir.Model, where: str) -> None:
                     )
 
 
+def _one_line(text: str, limit: int = 300) -> str:
+    """Collapse a multi-line library message into one line."""
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def _checker_hint(message: str) -> str:
+    """A hint for the checker's most common complaints."""
+    if "topologically sorted" in message:
+        return "the graph has a cycle or nodes out of order; re-export it (onnx graphs must be acyclic and sorted)"
+    if "single static assignment" in message:
+        return "two nodes write the same tensor name; re-export it or rename one output"
+    if "No opset import for domain" in message:
+        return "the model uses a domain it does not import; add an opset_import entry for it or re-export"
+    if "No Op registered for" in message or "No schema registered" in message:
+        return "the op is not part of ONNX at this opset (a custom op needs its own domain); re-export it"
+    if "ir_version" in message and "higher" in message:
+        return f"the model was saved by a newer onnx; upgrade onnx (installed: {onnx.__version__})"
+    return "fix the exporter output, or check it with `python -m onnx.checker`"
+
+
 def _check_graph(proto_or_path: onnx.ModelProto | str, where: str) -> None:
     try:
         onnx.checker.check_model(proto_or_path)
     except onnx.checker.ValidationError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelLoadError(
-            f"{where} is not a valid ONNX graph: {first}",
-            hint="fix the exporter output, or check it with `python -m onnx.checker`",
-        ) from e
+        first = _one_line(e) if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"{where} is not a valid ONNX graph: {first}", hint=_checker_hint(str(e))) from e
     except Exception as e:  # checker may raise other errors for unknown opsets etc.
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelLoadError(f"{where} cannot be checked: {first}", hint="is the onnx package too old?") from e
+        first = _one_line(e) if str(e).strip() else type(e).__name__
+        hint = _checker_hint(str(e))
+        if hint == _checker_hint(""):
+            hint = "is the onnx package too old?"
+        raise ModelLoadError(f"{where} cannot be checked: {first}", hint=hint) from e
+
+
+def _check_opsets(proto: onnx.ModelProto, where: str) -> None:
+    """Refuse a default-domain opset newer than the installed onnx knows: its ops' meaning is unknown here."""
+    newest = onnx.defs.onnx_opset_version()
+    for opset in proto.opset_import:
+        if opset.domain in ("", "ai.onnx") and opset.version > newest:
+            raise ModelLoadError(
+                f"{where} uses opset {opset.version}, newer than the installed onnx {onnx.__version__} knows ({newest})",
+                hint="upgrade onnx (and onnxruntime), or export the model with an older opset",
+            )
+
+
+#: Leading bytes of files people mistake for ONNX models, and what they are.
+_MAGICS = (
+    (0, b"PK\x03\x04", "a zip archive (a PyTorch checkpoint or .pt file?)",
+     "export it to ONNX first (e.g. torch.onnx.export)"),
+    (0, b"\x1f\x8b", "gzip-compressed", "decompress it first (gunzip)"),
+    (4, b"ORTM", "an ONNX Runtime (ORT-format) model", "give the .onnx model it was converted from"),
+    (4, b"TFL3", "a TensorFlow Lite model", "convert it to ONNX first (e.g. tf2onnx)"),
+    (0, b"\x89HDF", "an HDF5 file (a Keras model?)", "convert it to ONNX first (e.g. tf2onnx)"),
+    (0, b"\x80\x02", "a Python pickle", "export the model to ONNX first"),
+    (0, b"{", "a JSON/text file", "give the .onnx file"),
+)
+
+
+def _sniff_format(path: Path) -> tuple[str, str] | None:
+    """(what the file is, hint) when its leading bytes show a known non-ONNX format, else None."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError:
+        return None
+    for offset, magic, what, hint in _MAGICS:
+        if head[offset: offset + len(magic)] == magic:
+            return what, hint
+    return None
 
 
 def load_model(source: ModelSource, *, check: bool = True) -> ir.Model:
@@ -106,14 +165,15 @@ def load_model(source: ModelSource, *, check: bool = True) -> ir.Model:
         return source
     if isinstance(source, onnx.ModelProto):
         if check:
+            _check_opsets(source, "the model")
             _check_graph(source, "the model")
         try:
             return ir.from_proto(source)
         except Exception as e:
-            raise ModelLoadError(f"the model cannot be read: {e}") from e
+            raise ModelLoadError(f"the model cannot be read: {_one_line(e)}", hint="check it with `python -m onnx.checker`") from e
     if isinstance(source, (bytes, bytearray)):
         if not source:
-            raise ModelLoadError("the model bytes are empty")
+            raise ModelLoadError("the model bytes are empty", hint="the export did not finish")
         try:
             proto = onnx.load_from_string(bytes(source))
         except Exception as e:
@@ -127,26 +187,38 @@ def load_model(source: ModelSource, *, check: bool = True) -> ir.Model:
     if not path.exists():
         raise ModelLoadError(f"model file {where} does not exist", hint="check the path")
     if path.is_dir():
-        raise ModelLoadError(f"{where} is a folder, not an ONNX file")
+        raise ModelLoadError(f"{where} is a folder, not an ONNX file", hint="give the .onnx file inside it")
     size = path.stat().st_size
     if size == 0:
         raise ModelLoadError(f"{where} is empty (0 bytes)", hint="the export or copy did not finish")
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as e:
+        sniffed = _sniff_format(path)  # only when parsing failed: a valid model is never second-guessed
+        if sniffed is not None:
+            raise ModelLoadError(f"{where} is not an ONNX model: it is {sniffed[0]}", hint=sniffed[1]) from e
         raise ModelLoadError(
             f"{where} is not an ONNX model: protobuf parse failed ({type(e).__name__})",
             hint="the file may be truncated or another format; re-export it",
         ) from e
     if not proto.graph.node and not proto.graph.output and not proto.opset_import:
+        sniffed = _sniff_format(path)
+        if sniffed is not None:
+            raise ModelLoadError(f"{where} is not an ONNX model: it is {sniffed[0]}", hint=sniffed[1])
         raise ModelLoadError(
             f"{where} is not an ONNX model: it parses to an empty ModelProto",
             hint="the file may be another format (e.g. a PyTorch checkpoint); export it to ONNX first",
         )
+    if check:
+        _check_opsets(proto, where)
     try:
         model = ir.serde.deserialize_model(proto)
     except Exception as e:
-        raise ModelLoadError(f"{where} cannot be read into the IR: {e}") from e
+        if check:
+            _check_graph(str(path), where)  # a broken graph: the checker's message is the precise one
+        cause = e.__cause__ or e
+        raise ModelLoadError(f"{where} cannot be read into the IR: {_one_line(cause)}",
+                             hint="check it with `python -m onnx.checker`; re-export it") from e
     ir.external_data.set_base_dir(model.graph, str(path.parent))
     _check_external_data(model, where)
     if check:
@@ -208,11 +280,19 @@ def check_output_path(output: str | os.PathLike, inputs: list[str | os.PathLike]
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise OutputPathError(f"output folder {parent} does not exist", hint="create it first")
-    if not os.access(parent, os.W_OK | os.X_OK):
+    if not os.access(parent, os.W_OK | os.X_OK) or _mode_read_only(parent):
         raise OutputPathError(f"output folder {parent} is not writable", hint="choose a writable folder")
-    if out.exists() and not os.access(out, os.W_OK):
-        raise OutputPathError(f"output file {out} exists and is read-only")
+    if out.exists() and (not os.access(out, os.W_OK) or _mode_read_only(out)):
+        raise OutputPathError(f"output file {out} exists and is read-only", hint="choose another output name or make it writable")
     return out
+
+
+def _mode_read_only(path: Path) -> bool:
+    """True if no write bit is set: read-only by intent, even for root (whom os.access lets write anyway)."""
+    try:
+        return not (path.stat().st_mode & 0o222)
+    except OSError:
+        return False
 
 
 def _weight_bytes(model: ir.Model) -> int:
@@ -246,7 +326,7 @@ def save_model(model: ir.Model, path: str | os.PathLike, *, external_data: bool 
     try:
         tmpdir = Path(tempfile.mkdtemp(prefix=".onnxshrink-", dir=parent))
     except OSError as e:
-        raise OutputPathError(f"cannot write to {parent}: {e.strerror}") from e
+        raise OutputPathError(f"cannot write to {parent}: {e.strerror}", hint="choose a writable folder with free space") from e
     try:
         tmp_model = tmpdir / dest.name
         try:
@@ -263,7 +343,7 @@ def save_model(model: ir.Model, path: str | os.PathLike, *, external_data: bool 
                 tmp_model.write_bytes(proto.SerializeToString())
                 del proto
         except OSError as e:
-            raise OutputPathError(f"cannot write {dest}: {e.strerror}") from e
+            raise OutputPathError(f"cannot write {dest}: {e.strerror}", hint="choose a writable folder with free space") from e
         tmp_data = tmpdir / data_name
         if tmp_data.exists():
             os.replace(tmp_data, parent / data_name)
@@ -313,7 +393,8 @@ def constant_tensors(model: ir.Model) -> Iterator[tuple[str, ir.TensorProtocol]]
             if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
                 attr = node.attributes.get("value")
                 if attr is not None and attr.type == ir.AttributeType.TENSOR:
-                    yield node.outputs[0].name or "", attr.as_tensor()
+                    # attr.value, not attr.as_tensor(): the latter's Protocol isinstance check costs ~100 µs
+                    yield node.outputs[0].name or "", attr.value
 
 
 @dataclasses.dataclass
@@ -460,3 +541,103 @@ def model_stats(model: ir.Model) -> ModelStats:
         opset=model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0)),
         op_counts=dict(sorted(op_counts.items())),
     )
+
+
+#: Initializers larger than this are handed to onnx shape inference as data-less stand-ins (type and
+#: dims only). Shape inference reads values only of small tensors (shapes, axes, indices).
+_INFER_INLINE_BYTES = 1024
+_STAND_IN_LOCATION = "onnxshrink-shape-inference-stand-in"
+
+
+def infer_shapes(model: ir.Model, *, data_prop: bool = True) -> bool:
+    """Infer value types and shapes with ``onnx.shape_inference`` and record them on the IR values.
+
+    Linear in the graph size: the model is serialized once with every initializer over 1 KiB replaced
+    by a data-less stand-in (so no weight is read or copied, and models over 2 GB work), inferred once
+    (not strict: a node onnx cannot infer, e.g. a custom op, just leaves its outputs unknown), and the
+    result is copied back by walking the inferred graph beside the IR graph (subgraphs included). Unlike
+    onnx_ir 1.1's ``ShapeInferencePass`` it never turns initializers into inputs (quadratic in their
+    number) and never deserializes the inferred model.
+
+    Args:
+        model: the model; only value types and shapes change (initializers also get their tensor's
+            dtype and dims).
+        data_prop: let onnx propagate small constant values (shape arithmetic) during inference.
+
+    Returns:
+        True if any value's type or shape changed.
+
+    Raises:
+        Exception: whatever ``onnx.shape_inference`` raises on a model it cannot handle at all; callers
+            decide whether that matters (the model is unchanged then).
+    """
+    swapped: list[tuple[ir.Value, ir.TensorProtocol]] = []
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if tensor is None:
+                continue
+            if value.shape is None:
+                value.shape = tensor.shape
+            if value.type is None:
+                value.type = ir.TensorType(tensor.dtype)
+            if tensor.nbytes > _INFER_INLINE_BYTES and not isinstance(tensor, ir.ExternalTensor):
+                stand_in = ir.ExternalTensor(_STAND_IN_LOCATION, 0, tensor.nbytes, tensor.dtype,
+                                             shape=tensor.shape, name=value.name or "")
+                swapped.append((value, tensor))
+                value.const_value = stand_in
+    try:
+        proto = ir.serde.serialize_model(model)
+    finally:
+        for value, tensor in swapped:
+            value.const_value = tensor
+    inferred = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=data_prop)
+    del proto
+    return _merge_inferred(model.graph, inferred.graph)
+
+
+def _apply_type(value: ir.Value, type_proto: onnx.TypeProto) -> bool:
+    try:
+        tp = ir.serde.deserialize_type_proto_for_type(type_proto)
+        shape = ir.serde.deserialize_type_proto_for_shape(type_proto)
+    except Exception:  # map types and other forms the IR does not model
+        return False
+    changed = False
+    if tp is not None and value.type != tp:
+        value.type = tp
+        changed = True
+    if shape is not None and value.shape != shape:
+        value.shape = shape
+        changed = True
+    return changed
+
+
+def _merge_inferred(graph: ir.Graph, graph_proto: onnx.GraphProto) -> bool:
+    """Copy inferred types/shapes of ``graph_proto`` (serialized from ``graph``) onto ``graph``'s values."""
+    infos = {vi.name: vi.type for vi in graph_proto.value_info}
+    for vi in graph_proto.output:
+        infos.setdefault(vi.name, vi.type)
+    changed = False
+    node_protos = graph_proto.node
+    same_nodes = len(node_protos) == len(graph)
+    for i, node in enumerate(graph):
+        for out in node.outputs:
+            if out.name and out.name in infos:
+                changed |= _apply_type(out, infos[out.name])
+        if not same_nodes:
+            continue
+        attr_protos = None
+        for attr in node.attributes.values():
+            if attr.type not in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS):
+                continue
+            if attr_protos is None:
+                attr_protos = {a.name: a for a in node_protos[i].attribute}
+            ap = attr_protos.get(attr.name)
+            if ap is None:
+                continue
+            if attr.type == ir.AttributeType.GRAPH:
+                changed |= _merge_inferred(attr.value, ap.g)
+            else:
+                for sub, sub_proto in zip(attr.value, ap.graphs):
+                    changed |= _merge_inferred(sub, sub_proto)
+    return changed

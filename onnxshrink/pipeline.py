@@ -85,7 +85,8 @@ def format_value(value: Any) -> str:
 
 def _error(spec: str, pos: int, message: str, hint: str | None = None) -> SpecError:
     caret = f"{spec}\n{' ' * pos}^"
-    return SpecError(f"bad pass spec at column {pos + 1}: {message}\n{caret}", hint=hint)
+    return SpecError(f"bad pass spec at column {pos + 1}: {message}\n{caret}",
+                     hint=hint or "the form is name(key=value,...),name; e.g. fold,prune(ratio=0.3)")
 
 
 def _tokenize_steps(spec: str) -> list[tuple[str, int, list[tuple[str, str, int]]]]:
@@ -176,19 +177,22 @@ def _convert(info: PassInfo, field: dataclasses.Field, raw: str) -> Any:
             return True
         if low in ("false", "0", "no", "off"):
             return False
-        raise SpecError(f"{where} must be true or false, not {raw!r}", pass_name=info.name, option=field.name)
+        raise SpecError(f"{where} must be true or false, not {raw!r}", pass_name=info.name, option=field.name,
+                        hint=f"write {field.name}=true or {field.name}=false")
     if tp is int:
         try:
             return int(raw)
         except ValueError:
-            raise SpecError(f"{where} must be an integer, not {raw!r}", pass_name=info.name, option=field.name) from None
+            raise SpecError(f"{where} must be an integer, not {raw!r}", pass_name=info.name, option=field.name,
+                            hint=f"default: {field.name}={format_value(field.default)}") from None
     if tp is float:
         try:
             value = float(raw)
         except ValueError:
             value = math.nan
         if not math.isfinite(value):
-            raise SpecError(f"{where} must be a finite number, not {raw!r}", pass_name=info.name, option=field.name)
+            raise SpecError(f"{where} must be a finite number, not {raw!r}", pass_name=info.name, option=field.name,
+                            hint=f"default: {field.name}={format_value(field.default)}")
         return value
     return raw
 
@@ -215,12 +219,14 @@ def parse(spec: str) -> list[Step]:
                     option=key,
                 )
             if key in values:
-                raise SpecError(f"option {key!r} of pass {name!r} is given twice", pass_name=name, option=key)
+                raise SpecError(f"option {key!r} of pass {name!r} is given twice", pass_name=name, option=key,
+                                hint="give each option once")
             values[key] = _convert(info, fields[key], raw)
         try:
             options = info.options(**values)
         except (ValueError, TypeError) as e:
-            raise SpecError(f"bad options for pass {name!r}: {e}", pass_name=name) from e
+            raise SpecError(f"bad options for pass {name!r}: {e}", pass_name=name,
+                            hint="see `onnxshrink passes` for every option and its range") from e
         steps.append(Step(name, options))
     check_order(steps)
     return steps
@@ -296,6 +302,7 @@ def run_pipeline(
     context: PassContext,
     *,
     after_each: Callable[[Step, ir.Model, PassRecord], None] | None = None,
+    initial_stats: ModelStats | None = None,
 ) -> list[PassRecord]:
     """Run ``steps`` in order on ``model`` in place.
 
@@ -304,6 +311,8 @@ def run_pipeline(
         steps: resolved steps from :func:`parse`.
         context: what passes may use (data, shapes, progress).
         after_each: called after every pass (used for ``--validate-each``); may raise to stop.
+        initial_stats: :func:`~onnxshrink.model.model_stats` of ``model`` as given, if the caller has them
+            (saves one walk over the model).
 
     Returns:
         One :class:`PassRecord` per step.
@@ -313,7 +322,7 @@ def run_pipeline(
             unexpected exception.
     """
     records = []
-    stats = model_stats(model)
+    stats = initial_stats if initial_stats is not None else model_stats(model)
     for step in steps:
         info = step.info
         p = info.cls(step.options, context)

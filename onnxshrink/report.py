@@ -59,6 +59,7 @@ class Report:
     def slower(self) -> bool:
         """True if a latency measurement found the result measurably slower than the original."""
         return any(lat.slower for lat in self.latency or [])
+    target: Any = None  # onnxshrink.targets.TargetCheck when a deploy target was checked
 
     @property
     def verdict(self) -> str:
@@ -86,6 +87,7 @@ class Report:
             "validation": self.validation.to_dict() if self.validation is not None else None,
             "latency": [lat.to_dict() for lat in self.latency] if self.latency is not None else None,
             "notes": list(self.notes),
+            "target": self.target.to_dict() if self.target is not None else None,
         }
 
     def to_json(self) -> str:
@@ -179,9 +181,19 @@ class Report:
             lines += ["", "## Latency (onnxruntime CPU)", "", "| batch | before ms | after ms | ratio |",
                       "|---:|---:|---:|---:|"]
             lines += [f"| {x.batch} | {x.before_ms:.3f} | {x.after_ms:.3f} | {x.ratio:.2f} |" for x in self.latency]
+        if self.target is not None:
+            lines += ["", "## Deploy target", ""] + [f"- {x.strip()}" for x in self._target_lines()]
         if self.notes:
             lines += ["", "## Notes", ""] + [f"- {n}" for n in self.notes]
         return "\n".join(lines) + "\n"
+
+    def _target_lines(self) -> list[str]:
+        t = self.target
+        if t is None:
+            return []
+        head = f"target {t.target}: {'OK' if t.ok else f'{len(t.problems)} PROBLEM(S)'}"
+        return ([head] + [f"  problem: {p}" for p in t.problems] + [f"  checked: {c}" for c in t.checks]
+                + [f"  note: {n}" for n in t.notes])
 
     def __str__(self) -> str:
         return self.to_markdown()
@@ -231,6 +243,9 @@ class Report:
         color = {"passed": "green", "failed": "red"}.get(self.verdict, "yellow")
         for i, line in enumerate(self._validation_lines()):
             console.print(f"[{color}]{escape(line)}[/{color}]" if i == 0 else escape(line), highlight=False)
+        for i, line in enumerate(self._target_lines()):
+            tcolor = "green" if self.target.ok else "red"
+            console.print(f"[{tcolor}]{escape(line)}[/{tcolor}]" if i == 0 else escape(line), highlight=False)
         for n in self.notes:
             style = "bold red" if n.startswith("SLOWER") else None
             console.print(f"[{style}]note: {escape(n)}[/{style}]" if style else f"note: {escape(n)}", highlight=False)

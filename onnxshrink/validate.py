@@ -34,6 +34,10 @@ __all__ = ["Tolerances", "OutputMetrics", "ValidationResult", "compare_models", 
 logger = logging.getLogger(__name__)
 
 MAX_BATCH = 32
+#: Above this many bytes (both models' files and external data together), validation opens one session at
+#: a time — the original's outputs are kept, its session closed, then the optimized model runs — and turns
+#: off onnxruntime's weight prepacking, so peak memory stays near one model's size instead of two or more.
+SEQUENTIAL_BYTES = 1 << 30
 
 
 @dataclasses.dataclass
@@ -62,7 +66,7 @@ def parse_tolerances(items: list[str] | None, default: float) -> Tolerances:
         except ValueError:
             raise UsageError(f"bad --tol {item!r}", hint="write 1e-3 or OUTPUT=1e-3") from None
         if not math.isfinite(value) or value < 0:
-            raise UsageError(f"bad --tol {item!r}: must be a finite number >= 0")
+            raise UsageError(f"bad --tol {item!r}: must be a finite number >= 0", hint="write 1e-3 or OUTPUT=1e-3")
         if name:
             tol.per_output[name] = value
         else:
@@ -206,14 +210,133 @@ class _Acc:
         )
 
 
-def make_session(path: str | os.PathLike) -> Any:
-    """An onnxruntime CPU session created from a file path, with warnings silenced."""
+
+def _accumulate(accs: dict[str, _Acc], out_names: list[str], ref_out: list, cand_out: list,
+                observer: Callable[[str, np.ndarray, np.ndarray], None] | None = None) -> str | None:
+    """Add one run's outputs to the running metrics (and hand float/integer ones to ``observer``);
+    return a failure reason (shape/structure) or None."""
+    for name, r, c in zip(out_names, ref_out, cand_out):
+        if isinstance(r, (list, tuple)) or isinstance(c, (list, tuple)):
+            # sequence outputs: compare element by element, flattened into one vector
+            if not isinstance(r, (list, tuple)) or not isinstance(c, (list, tuple)) or len(r) != len(c) or any(
+                np.shape(x) != np.shape(y) for x, y in zip(r, c)
+            ):
+                return f"sequence output {name!r} differs in length or shapes"
+            r = np.concatenate([np.ravel(x) for x in r]) if r else np.zeros(0)
+            c = np.concatenate([np.ravel(x) for x in c]) if c else np.zeros(0)
+        elif isinstance(r, dict) or isinstance(c, dict):
+            if r != c:
+                return f"map output {name!r} differs"
+            continue
+        r = np.asarray(r)
+        c = np.asarray(c)
+        if r.shape != c.shape:
+            return f"output {name!r} has shape {list(c.shape)}, the original {list(r.shape)}"
+        if r.dtype.kind == "O" or r.dtype.kind in "US":
+            accs[name].kind = "exact"
+        accs[name].add(r, c)
+        if observer is not None and (accs[name].kind == "float" or r.dtype.kind in "iub"):
+            observer(name, r, c)
+    return None
+
+
+def make_session(path: str | os.PathLike, *, low_memory: bool = False) -> Any:
+    """An onnxruntime CPU session created from a file path, with warnings silenced.
+
+    ``low_memory`` turns off weight prepacking (a second, packed copy of every MatMul/Conv weight) and the
+    memory arena: slower, but a big model is held once.
+    """
     import onnxruntime as ort
 
     ort.set_default_logger_severity(3)
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    if low_memory:
+        so.add_session_config_entry("session.disable_prepacking", "1")
+        so.enable_cpu_mem_arena = False
     return ort.InferenceSession(os.fspath(path), so, providers=["CPUExecutionProvider"])
+
+
+def _files_bytes(path: str | os.PathLike) -> int:
+    """Size of a model file plus its external-data files (0 if unreadable)."""
+    try:
+        from onnxshrink.model import external_data_files
+
+        p = os.fspath(path)
+        return os.path.getsize(p) + sum(os.path.getsize(f) for f in external_data_files(p) if f.is_file())
+    except OSError:
+        return 0
+
+
+def _compare_sequential(ref_path: str | os.PathLike, cand_path: str | os.PathLike, data: Dataset,
+                        tolerances: Tolerances, *, limit: int | None, batch: bool) -> ValidationResult:
+    """:func:`compare_models` for big models: one onnxruntime session at a time (see ``SEQUENTIAL_BYTES``)."""
+    import gc
+
+    start = time.perf_counter()
+    note = "models over 1 GiB: validated with one onnxruntime session at a time, without weight prepacking"
+    try:
+        ref = make_session(ref_path, low_memory=True)
+    except Exception as e:
+        return ValidationResult("skipped", f"onnxruntime cannot load the original model: {_first_line(e)}",
+                                source=data.source, seconds=time.perf_counter() - start, notes=[note])
+    out_names = [o.name for o in ref.get_outputs()]
+    batchable = batch and _batchable(ref) and _batchable_file(cand_path)
+    ref_outs = []
+    for feed in data.batches(MAX_BATCH, batchable, limit):
+        try:
+            ref_outs.append(ref.run(out_names, feed))
+        except Exception as e:
+            if batchable:
+                del ref
+                gc.collect()
+                return _compare_sequential(ref_path, cand_path, data, tolerances, limit=limit, batch=False)
+            return ValidationResult("skipped", f"onnxruntime cannot run the original model: {_first_line(e)}",
+                                    source=data.source, seconds=time.perf_counter() - start, notes=[note])
+    del ref
+    gc.collect()
+    try:
+        cand = make_session(cand_path, low_memory=True)
+    except Exception as e:
+        return ValidationResult("failed", f"onnxruntime cannot load the optimized model: {_first_line(e)}",
+                                source=data.source, seconds=time.perf_counter() - start, notes=[note])
+    cand_names = {o.name for o in cand.get_outputs()}
+    missing = [n for n in out_names if n not in cand_names]
+    if missing:
+        return ValidationResult("failed", f"optimized model lacks output(s) {', '.join(missing)}",
+                                source=data.source, seconds=time.perf_counter() - start, notes=[note])
+    accs = {n: _Acc() for n in out_names}
+    for feed, ref_out in zip(data.batches(MAX_BATCH, batchable, limit), ref_outs):
+        try:
+            cand_out = cand.run(out_names, feed)
+        except Exception as e:
+            return ValidationResult("failed", f"onnxruntime cannot run the optimized model: {_first_line(e)}",
+                                    source=data.source, seconds=time.perf_counter() - start, notes=[note])
+        failure = _accumulate(accs, out_names, ref_out, cand_out)
+        if failure:
+            return ValidationResult("failed", failure, source=data.source, seconds=time.perf_counter() - start,
+                                    notes=[note])
+    result = _verdict(accs, out_names, tolerances, data, limit, start)
+    result.notes.append(note)
+    return result
+
+
+def _batchable_file(path: str | os.PathLike) -> bool:
+    """Like :func:`_batchable` for a model file not opened in onnxruntime (every input's axis 0 dynamic)."""
+    import onnx
+
+    try:
+        proto = onnx.load(os.fspath(path), load_external_data=False)
+    except Exception:
+        return False
+    inits = {t.name for t in proto.graph.initializer}
+    for inp in proto.graph.input:
+        if inp.name in inits:
+            continue
+        dims = inp.type.tensor_type.shape.dim
+        if not dims or dims[0].HasField("dim_value"):
+            return False
+    return True
 
 
 def _first_line(e: BaseException) -> str:
@@ -262,6 +385,9 @@ def compare_models(
         why), ``failed`` if the optimized model does not load/run or any output is out of tolerance.
     """
     start = time.perf_counter()
+    if (ref_session is None and observer is None and output_map is None
+            and _files_bytes(ref_path) + _files_bytes(cand_path) > SEQUENTIAL_BYTES):
+        return _compare_sequential(ref_path, cand_path, data, tolerances, limit=limit, batch=batch)
     try:
         ref = ref_session or make_session(ref_path)
     except Exception as e:
@@ -301,36 +427,18 @@ def compare_models(
         except Exception as e:
             return ValidationResult("failed", f"onnxruntime cannot run the optimized model: {_first_line(e)}",
                                     source=data.source, seconds=time.perf_counter() - start)
-        for name, r, c in zip(out_names, ref_out, cand_out):
-            if isinstance(r, (list, tuple)) or isinstance(c, (list, tuple)):
-                # sequence outputs: compare element by element, flattened into one vector
-                if not isinstance(r, (list, tuple)) or not isinstance(c, (list, tuple)) or len(r) != len(c) or any(
-                    np.shape(x) != np.shape(y) for x, y in zip(r, c)
-                ):
-                    return ValidationResult("failed", f"sequence output {name!r} differs in length or shapes",
-                                            source=data.source, seconds=time.perf_counter() - start)
-                r = np.concatenate([np.ravel(x) for x in r]) if r else np.zeros(0)
-                c = np.concatenate([np.ravel(x) for x in c]) if c else np.zeros(0)
-            elif isinstance(r, dict) or isinstance(c, dict):
-                if r != c:
-                    return ValidationResult("failed", f"map output {name!r} differs",
-                                            source=data.source, seconds=time.perf_counter() - start)
-                continue
-            r = np.asarray(r)
-            c = np.asarray(c)
-            if r.shape != c.shape:
-                return ValidationResult(
-                    "failed", f"output {name!r} has shape {list(c.shape)}, the original {list(r.shape)}",
-                    source=data.source, seconds=time.perf_counter() - start,
-                )
-            if r.dtype.kind == "O" or r.dtype.kind in "US":
-                accs[name].kind = "exact"
-            accs[name].add(r, c)
-            if observer is not None and (accs[name].kind == "float" or r.dtype.kind in "iub"):
-                observer(name, r, c)
+        failure = _accumulate(accs, out_names, ref_out, cand_out, observer)
+        if failure:
+            return ValidationResult("failed", failure, source=data.source, seconds=time.perf_counter() - start)
         samples += len(next(iter(feed.values()))) if batchable and feed else 1
         if progress is not None:
             progress("comparing outputs", min(samples, total), total)
+    return _verdict(accs, out_names, tolerances, data, limit, start)
+
+
+def _verdict(accs: dict[str, _Acc], out_names: list[str], tolerances: Tolerances, data: Dataset,
+             limit: int | None, start: float) -> ValidationResult:
+    """The final result from the accumulated metrics."""
     # feeds may hold several samples each: report samples, not runs
     samples = data.num_samples if limit is None else min(limit, data.num_samples)
     for acc in accs.values():

@@ -37,7 +37,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common as ir_common
 
-from onnxshrink.model import constant_tensors
+from onnxshrink.model import constant_tensors, infer_shapes
 from onnxshrink.registry import ShrinkPass, option, register
 
 __all__ = ["FoldOptions", "FoldPass", "PROTECTED_OPS"]
@@ -55,6 +55,9 @@ _FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.D
 _EXACT_SIZE_GUARD_BYTES = 64 << 20
 # Largest constant (elements) read to decide whether an Add/Mul is a no-op: keeps weights lazy.
 _SMALL_CONST = 4096
+# Initializers larger than this are compared by sampled slices before being hashed in full (dedup).
+_SAMPLE_HASH_BYTES = 1 << 20
+_SAMPLE_SLICE = 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,7 +227,7 @@ class FoldPass(ShrinkPass):
         if self.context.cache.pop("shapes_current", False):
             return  # the pipeline inferred shapes on this very graph and nothing changed it since
         try:
-            ir_common.ShapeInferencePass(strict_mode=False)(model)
+            infer_shapes(model)
         except Exception as e:  # custom ops or odd models: fold still works, with fewer shapes known
             self.decline(f"shape inference failed ({type(e).__name__}); shape-based rewrites limited")
 
@@ -323,7 +326,7 @@ class FoldPass(ShrinkPass):
             if nb is None:
                 in_elems = sum(t.size for t in (_const(v) for v in node.inputs) if t is not None)
                 if in_elems <= 64:
-                    return True
+                    return self._finite_inputs(node)
                 self._decline_once(node, "output size unknown: not folded (could grow the model)")
                 return False
             out_bytes += nb
@@ -340,6 +343,28 @@ class FoldPass(ShrinkPass):
         if growth > self.options.max_growth:
             self._decline_once(node, "folding would grow the model")
             return False
+        return self._finite_inputs(node)
+
+    def _finite_inputs(self, node: ir.Node) -> bool:
+        """False (and a counted decline) if a float constant input holds NaN/Inf: such tensors are left alone.
+
+        Only called for nodes about to be folded, whose inputs the folder reads anyway.
+        """
+        for v in node.inputs:
+            t = _const(v)
+            if t is None or t.dtype not in _FLOAT_TYPES:
+                continue
+            try:
+                arr = t.numpy()
+                try:
+                    finite = bool(np.isfinite(arr).all())
+                except TypeError:  # a dtype numpy's isfinite does not take: compare in float32
+                    finite = bool(np.isfinite(np.asarray(arr, dtype=np.float32)).all())
+            except Exception:
+                continue
+            if not finite:
+                self._decline_once(node, "constant holds NaN/Inf: left alone")
+                return False
         return True
 
     def _fold_constants(self, model: ir.Model) -> bool:
@@ -596,8 +621,15 @@ class FoldPass(ShrinkPass):
             return "producer output is a graph output"
         gamma, beta, mean, var = (np.asarray(p.numpy(), dtype=np.float64).reshape(-1) for p in params)
         eps = bn.attributes.get_float("epsilon", 1e-5)
-        s = gamma / np.sqrt(var + eps)
         W = np.asarray(w.numpy(), dtype=np.float64)
+        if not all(np.isfinite(a).all() for a in (gamma, beta, mean, var, W)) or (
+            b is not None and not np.isfinite(np.asarray(b.numpy(), dtype=np.float64)).all()
+        ):
+            return "weights hold NaN/Inf: left alone"
+        with np.errstate(invalid="ignore", divide="ignore"):
+            s = gamma / np.sqrt(var + eps)
+        if not np.isfinite(s).all():
+            return "variance + epsilon is not positive"
         op = prod.op_type
         if op == "Conv":
             if W.ndim < 3:
@@ -688,20 +720,37 @@ class FoldPass(ShrinkPass):
             for values in groups.values():
                 if len(values) < 2:
                     continue
-                by_digest: dict[bytes, ir.Value] = {}
-                for value in values:
-                    try:
-                        digest = hashlib.sha256(value.const_value.tobytes()).digest()
-                    except Exception:
-                        continue
-                    keep = by_digest.get(digest)
-                    if keep is None:
-                        by_digest[digest] = value
-                        continue
-                    value.replace_all_uses_with(keep)
-                    del graph.initializers[value.name]
-                    self.count("initializers_merged")
-                    changed = True
+                if values[0].const_value.nbytes > _SAMPLE_HASH_BYTES:
+                    # big weights: compare a few sampled slices first, so distinct weights (the usual case)
+                    # are never read in full (memory-mapped external data stays unread)
+                    by_sample: dict[bytes, list[ir.Value]] = {}
+                    for value in values:
+                        sample = _sample_digest(value.const_value)
+                        by_sample.setdefault(sample if sample is not None else b"", []).append(value)
+                    candidates = [vs for vs in by_sample.values() if len(vs) > 1]
+                else:
+                    candidates = [values]
+                for group in candidates:
+                    changed |= self._merge_identical(graph, group)
+        return changed
+
+    def _merge_identical(self, graph: ir.Graph, values: list[ir.Value]) -> bool:
+        """Merge initializers of ``values`` (same dtype and shape) whose bytes are identical."""
+        changed = False
+        by_digest: dict[bytes, ir.Value] = {}
+        for value in values:
+            try:
+                digest = _full_digest(value.const_value)
+            except Exception:
+                continue
+            keep = by_digest.get(digest)
+            if keep is None:
+                by_digest[digest] = value
+                continue
+            value.replace_all_uses_with(keep)
+            del graph.initializers[value.name]
+            self.count("initializers_merged")
+            changed = True
         return changed
 
     @classmethod
@@ -794,6 +843,44 @@ def _drop_folder_metadata(model: ir.Model) -> None:
 
 def _weight_bytes(model: ir.Model) -> int:
     return sum(t.nbytes for _, t in constant_tensors(model))
+
+
+def _flat_bytes(tensor: ir.TensorProtocol) -> np.ndarray | None:
+    """The tensor's bytes as a flat uint8 view, without a copy where the storage allows (mmap, raw data)."""
+    try:
+        arr = np.asarray(tensor.numpy())
+    except Exception:
+        return None
+    if not arr.flags.c_contiguous or arr.dtype.kind == "O":
+        return None
+    try:
+        return arr.reshape(-1).view(np.uint8)
+    except (ValueError, TypeError):
+        return None
+
+
+def _sample_digest(tensor: ir.TensorProtocol) -> bytes | None:
+    """A digest of three slices (start, middle, end) of the tensor's bytes; reads only those pages."""
+    flat = _flat_bytes(tensor)
+    if flat is None:
+        return None
+    n, k = flat.size, _SAMPLE_SLICE
+    h = hashlib.sha256()
+    for start in (0, max(0, n // 2 - k // 2), max(0, n - k)):
+        h.update(flat[start: start + k].tobytes())
+    return h.digest()
+
+
+def _full_digest(tensor: ir.TensorProtocol) -> bytes:
+    """SHA-256 of all the tensor's bytes, hashed in place when possible (no copy of a big weight)."""
+    flat = _flat_bytes(tensor)
+    if flat is None:
+        return hashlib.sha256(tensor.tobytes()).digest()
+    h = hashlib.sha256()
+    step = 64 << 20
+    for start in range(0, flat.size, step):
+        h.update(memoryview(flat[start: start + step]))
+    return h.digest()
 
 
 def _size_estimate(model: ir.Model) -> int:

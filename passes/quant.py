@@ -73,7 +73,6 @@ from typing import Any, Literal
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes import common as ir_common
 
 from onnxshrink.errors import UsageError
 from onnxshrink.registry import ShrinkPass, option, register
@@ -474,11 +473,21 @@ class QuantPass(ShrinkPass):
                 raise UsageError("max_drop works with mode=static", pass_name=self.name, option="max_drop",
                                  hint="drop max_drop, or use mode=static")
             _infer_shapes(model, self.context)
-            outs = _run_outputs(model, data, o.samples)
+            try:
+                outs = _run_outputs(model, data, o.samples)
+            except (RuntimeError, ValueError) as e:
+                raise UsageError(f"max_drop needs onnxruntime to run the model: {str(e).splitlines()[0][:200]}",
+                                 pass_name=self.name, option="max_drop", hint="drop max_drop for this model") from e
             self._reference = _reference(outs, o.metric, self.context)
         self._exclude = [p for p in o.exclude.split("|") if p and o.exclude != "none"]
         self._taken: set[str] = {v.name for g in model.graphs() for n in g for v in n.outputs if v.name}
         self._taken |= {n for g in model.graphs() for n in g.initializers}
+        opset = _opset(model)
+        if opset < 10 or (mode == "dynamic" and opset < 11):
+            need = 11 if mode == "dynamic" else 10
+            self.decline(f"opset {opset} < {need}: no {'DynamicQuantizeLinear' if need == 11 else 'QuantizeLinear'}")
+            self.stats_extra["skipped"] = f"opset {opset} has no quantization ops (needs >= {need})"
+            return False
         changed = self._lift_constants(model)
         if model.ir_version is not None and model.ir_version < 4:
             model.ir_version = 4  # initializers need not be graph inputs any more
@@ -875,7 +884,13 @@ class QuantPass(ShrinkPass):
         groups = self._range_groups(model, plan)
         names = sorted({v.name for g in groups for v in g})
         mean_axes = self._mean_axes(plan)
-        stats = self._calibrate(model, names, mean_axes)
+        try:
+            stats = self._calibrate(model, names, mean_axes)
+        except (RuntimeError, ValueError) as e:
+            # onnxruntime cannot run this graph (custom or training ops, old kernels): weights only
+            self.decline("calibration impossible (onnxruntime cannot run the model): weights only")
+            self.stats_extra["calibration"] = f"not possible: {str(e).splitlines()[0][:200]}"
+            return self._quantize_weights(model) or changed
         ranges: dict[str, tuple[float, float]] = {}
         symmetric = o.target == "tensorrt"
         for g in groups:
@@ -1437,8 +1452,10 @@ def _same_qparams(dq: ir.Node, q: ir.Node) -> bool:
 def _infer_shapes(model: ir.Model, context: Any) -> None:
     if context is not None and context.cache.get("shapes_current"):
         return
+    from onnxshrink.model import infer_shapes
+
     try:
-        ir_common.ShapeInferencePass(strict_mode=False)(model)
+        infer_shapes(model)
     except Exception as e:  # noqa: BLE001 - inference is best effort; capture refuses untyped values
         logger.debug("shape inference failed: %s", e)
 

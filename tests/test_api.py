@@ -50,6 +50,7 @@ def test_public_api_pinned():
         "Report",
         "ShrinkError",
         "SpecError",
+        "TargetCheckFailedError",
         "UsageError",
         "ValidationFailedError",
         "__version__",
