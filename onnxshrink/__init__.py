@@ -52,7 +52,7 @@ from onnxshrink.model import (
 from onnxshrink.pipeline import DEFAULT_PIPELINE, Step, format_pipeline, parse, run_pipeline
 from onnxshrink.registry import PassContext
 from onnxshrink.report import Report
-from onnxshrink.validate import Tolerances, ValidationResult, compare_models, measure_latency
+from onnxshrink.validate import SEQUENTIAL_BYTES, Tolerances, ValidationResult, _files_bytes, compare_models, measure_latency
 
 __version__ = "0.1.0"
 
@@ -328,6 +328,11 @@ def optimize(
         measured = None
         if latency is None:
             latency = any(s.name != "fold" for s in steps) or require_faster
+            if latency and not require_faster and ref_path is not None and _files_bytes(ref_path) > SEQUENTIAL_BYTES:
+                # two sessions side by side would hold the model twice: opt in with latency=True
+                latency = False
+                notes.append("latency not measured: the model is over 1 GiB and timing needs both models "
+                             "loaded at once (--latency measures it anyway)")
         if latency and ref_path is not None:
             lat_data = val_data if val_data is not None else synthetic_data(specs, input_shapes)[0]
             measured = [x for x in (measure_latency(ref_path, artifact, lat_data, batch=1),

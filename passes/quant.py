@@ -141,25 +141,71 @@ class QuantOptions:
 # numeric helpers
 
 
+_CHUNK_BYTES = 16 << 20  # weights are quantized in slices of this size: big models stay within ~1x memory
+
+
+def _row_chunks(w: np.ndarray) -> Iterable[slice]:
+    rows = w.shape[0] if w.ndim else 1
+    per_row = max(1, w.nbytes // max(rows, 1))
+    step = max(1, _CHUNK_BYTES // per_row)
+    for i in range(0, rows, step):
+        yield slice(i, min(rows, i + step))
+
+
+def weight_absmax(w: np.ndarray, axis: int | None) -> np.ndarray:
+    """max |w| per channel along ``axis`` (or over everything), reading ``w`` slice by slice."""
+    if w.ndim == 0:
+        return np.asarray(np.abs(w), np.float32)
+    out = None
+    for rows in _row_chunks(w):
+        chunk = np.abs(np.asarray(w[rows], dtype=np.float32))
+        if axis is None:
+            m = np.asarray(chunk.max() if chunk.size else 0.0, np.float32)
+            out = m if out is None else np.maximum(out, m)
+        elif axis == 0:
+            m = chunk.reshape(chunk.shape[0], -1).max(axis=1) if chunk.size else np.zeros(chunk.shape[0], np.float32)
+            out = m if out is None else np.concatenate([out, m])
+        else:
+            red = tuple(i for i in range(w.ndim) if i != axis)
+            m = chunk.max(axis=red) if chunk.size else np.zeros(w.shape[axis], np.float32)
+            out = m if out is None else np.maximum(out, m)
+    return np.asarray(out, np.float32)
+
+
+def all_finite(w: np.ndarray) -> bool:
+    """True if ``w`` holds no NaN/Inf (read slice by slice)."""
+    if w.ndim == 0:
+        return bool(np.isfinite(w))
+    return all(bool(np.isfinite(w[rows]).all()) for rows in _row_chunks(w))
+
+
 def quantize_weight(w: np.ndarray, axis: int | None, bits: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric quantization of ``w`` per channel along ``axis`` (or per tensor when None).
 
     ``bits`` is the number of bits actually used (7 = reduced range, values in [-63, 63]).
-    Returns ``(q int8, scale float32)``; ``scale`` has one entry per channel (or is a scalar).
+    Returns ``(q int8, scale float32)``; ``scale`` has one entry per channel (or is a scalar). Large
+    weights are read and quantized in slices, so memory is the int8 result plus one slice.
     """
     qmax = 2 ** (bits - 1) - 1
-    w = np.asarray(w, dtype=np.float32)
-    if axis is None:
-        amax = np.float32(np.max(np.abs(w))) if w.size else np.float32(0)
-        scale = np.float32(amax / qmax) if amax > 0 else np.float32(1.0)
-        q = np.clip(np.rint(w / scale), -qmax, qmax).astype(np.int8)
-        return q, np.asarray(scale, dtype=np.float32)
-    moved = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
-    amax = np.max(np.abs(moved), axis=1) if moved.size else np.zeros(w.shape[axis], np.float32)
+    amax = weight_absmax(w, axis)
     scale = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
-    bshape = [1] * w.ndim
-    bshape[axis] = -1
-    q = np.clip(np.rint(w / scale.reshape(bshape)), -qmax, qmax).astype(np.int8)
+    q = np.empty(w.shape, np.int8)
+    if w.ndim == 0:
+        q[...] = np.clip(np.rint(np.float32(w) / scale), -qmax, qmax)
+        return q, np.asarray(scale, np.float32).reshape(())
+    for rows in _row_chunks(w):
+        chunk = np.asarray(w[rows], dtype=np.float32)
+        if axis is None:
+            s = scale
+        elif axis == 0:
+            s = scale[rows].reshape([-1] + [1] * (w.ndim - 1))
+        else:
+            bshape = [1] * w.ndim
+            bshape[axis] = -1
+            s = scale.reshape(bshape)
+        q[rows] = np.clip(np.rint(chunk / s), -qmax, qmax)
+    if axis is None:
+        scale = np.asarray(scale, np.float32).reshape(())
     return q, scale
 
 
@@ -663,10 +709,7 @@ class QuantPass(ShrinkPass):
                 self.decline("weight too small to gain from quantization", found[v][0][0])
                 del found[v]
                 continue
-            weights = [
-                w for w in (v.const_value.numpy(),)
-            ]
-            if not np.all(np.isfinite(weights[0])):
+            if not all_finite(v.const_value.numpy()):
                 self.decline("weight holds NaN/Inf: left float", found[v][0][0])
                 del found[v]
         return found
