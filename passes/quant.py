@@ -20,7 +20,7 @@ Modes
   ``tensorrt``: int8 symmetric, ``s = max(|lo|, |hi|)/127``, ``z = 0``. Biases stay float in QDQ
   (onnxruntime still fuses QLinearConv; it saves a scale per channel); ``format=qop`` makes them int32
   with ``s_b = s_x · s_W`` as QLinearConv requires. On x86 without VNNI the u8s8 integer kernels sum
-  pairs of products in int16 and saturate, so ``target=cpu`` uses 7-bit weights (``reduce_range``). Concat inputs and outputs share one range (the union) so the
+  pairs of products in int16 and saturate, so ``target=cpu|mobile`` use 7-bit weights (``reduce_range``). Concat inputs and outputs share one range (the union) so the
   concat moves int8 without requantizing; data-movement ops share their input's range; with
   ``target=tensorrt`` both inputs of a residual Add share one range too (TensorRT then fuses the Add into
   the Conv; onnxruntime's QLinearAdd rescales each input, so cpu/mobile keep the finer separate ranges). Softmax,
@@ -110,8 +110,8 @@ class QuantOptions:
     block_size: int = option(32, "rows of K per scale for 4-bit MatMul weights (power of 2, >= 16)")
     per_channel: bool = option(True, "one weight scale per output channel (else per tensor)")
     reduce_range: Literal["auto", "on", "off"] = option(
-        "auto", "7-bit weights for integer kernels (auto: on for target=cpu static/dynamic, where x86 "
-        "AVX2 u8s8 kernels saturate int16 sums; off elsewhere)")
+        "auto", "7-bit weights for integer kernels (auto: on for cpu/mobile static/dynamic: onnxruntime's "
+        "u8s8 kernels on x86 without VNNI saturate int16 sums; off for tensorrt)")
     calib: Literal["minmax", "percentile", "entropy", "mse"] = option(
         "percentile", "activation range estimator (static)")
     percentile: float = option(99.999, "percent of values the percentile range keeps")
@@ -508,7 +508,7 @@ class QuantPass(ShrinkPass):
         self.stats_extra: dict[str, Any] = {"mode": mode}
         self._restore: dict[int, tuple[ir.Node, dict[int, list]]] = {}
         self._unnamed: list[ir.Node] = []
-        reduce = o.reduce_range == "on" or (o.reduce_range == "auto" and o.target == "cpu"
+        reduce = o.reduce_range == "on" or (o.reduce_range == "auto" and o.target in ("cpu", "mobile")
                                             and mode in ("static", "dynamic"))
         self._wbits = 7 if reduce else 8
         self._keep_zp = False  # DequantizeLinear's zero point defaults to 0; QLinear ops get a shared scalar

@@ -633,3 +633,11 @@ def test_tensorrt_residual_add_inputs_share_one_scale():
             assert float(inits[dqs[0].input[1]]) == float(inits[dqs[1].input[1]])  # one scale
             shared += 1
     assert shared >= 2
+
+
+@pytest.mark.parametrize("target", ["cpu", "mobile", "tensorrt"])
+def test_optimize_with_matching_deploy_check(target, tmp_path):
+    out = tmp_path / f"m_{target}.onnx"
+    code = cli("optimize", MODELS / "digits_mobilenetv2.onnx", "--passes", f"fold,quant(mode=static,target={target})",
+               "--data", CALIB, "-o", out, "--target", target, "--no-latency", "-q")
+    assert code == 0 and out.exists()  # validated in ORT CPU and passes the target's deploy check
