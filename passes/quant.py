@@ -238,6 +238,7 @@ class TensorStats:
         self.lo = math.inf
         self.hi = -math.inf
         self.count = 0
+        self.nonfinite = 0  # batches that held NaN/Inf (masks, -inf scores): such tensors stay float
         self.channel_sum: np.ndarray | None = None
         self.channel_n = 0
         self.hist: np.ndarray | None = None
@@ -246,7 +247,10 @@ class TensorStats:
     def add_minmax(self, x: np.ndarray, channel_axis: int | None) -> None:
         if x.size == 0:
             return
-        finite = x[np.isfinite(x)] if not np.all(np.isfinite(x)) else x
+        all_finite_ = bool(np.all(np.isfinite(x)))
+        if not all_finite_:
+            self.nonfinite += 1
+        finite = x if all_finite_ else x[np.isfinite(x)]
         if finite.size:
             self.lo = min(self.lo, float(finite.min()))
             self.hi = max(self.hi, float(finite.max()))
@@ -271,7 +275,7 @@ class TensorStats:
         return (self.channel_sum / self.channel_n).astype(np.float32)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
-        out = {"range": np.array([self.lo, self.hi, self.count], np.float64)}
+        out = {"range": np.array([self.lo, self.hi, self.count, self.nonfinite], np.float64)}
         if self.channel_sum is not None:
             out["csum"] = self.channel_sum
             out["cn"] = np.array([self.channel_n])
@@ -284,6 +288,7 @@ class TensorStats:
     def from_arrays(cls, d: dict[str, np.ndarray]) -> TensorStats:
         s = cls()
         s.lo, s.hi, s.count = float(d["range"][0]), float(d["range"][1]), int(d["range"][2])
+        s.nonfinite = int(d["range"][3]) if len(d["range"]) > 3 else 0
         if "csum" in d:
             s.channel_sum = d["csum"]
             s.channel_n = int(d["cn"][0])
@@ -667,6 +672,12 @@ class QuantPass(ShrinkPass):
                     c = self._new_init(graph, f"{node.name or op}_axes", np.array(axes, np.int64))
                     node.resize_inputs(2) if hasattr(node, "resize_inputs") else None
                     node.replace_input_with(1, c) if len(node.inputs) > 1 else _append_input(node, c)
+                elif op == "Dropout" and ("ratio" in node.attributes or "is_test" in node.attributes):
+                    # Dropout-10 → 12: the ratio attribute became an optional input (inference mode default)
+                    ratio = node.attributes.pop("ratio").value if "ratio" in node.attributes else 0.5
+                    node.attributes.pop("is_test", None)
+                    c = self._new_init(graph, self._short("r"), np.asarray(ratio, np.float32))
+                    _append_input(node, c)
                 elif op == "Split" and "split" in node.attributes:
                     split = list(node.attributes.pop("split").value)
                     c = self._new_init(graph, f"{node.name or op}_split", np.array(split, np.int64))
@@ -931,6 +942,9 @@ class QuantPass(ShrinkPass):
         ranges: dict[str, tuple[float, float]] = {}
         symmetric = o.target == "tensorrt"
         for g in groups:
+            if any(stats.get(v.name) is not None and stats[v.name].nonfinite for v in g):
+                self.decline("activation holds NaN/Inf in calibration (e.g. a -inf mask): left float")
+                continue
             los, his = [], []
             for v in g:
                 st = stats.get(v.name)
@@ -979,6 +993,7 @@ class QuantPass(ShrinkPass):
         """Float activations of the main graph to quantize, with the (node, slot) uses that read them."""
         anchors: set[int] = set()
         nodes = list(model.graph)
+        softmax_region = _softmax_region(model.graph)
         for node in nodes:
             if not _is_onnx(node) or self._excluded(node):
                 continue
@@ -992,6 +1007,9 @@ class QuantPass(ShrinkPass):
                     continue
                 anchors.add(id(node))
             elif op == "Add" and all(_is_activation(v) for v in node.inputs[:2]):
+                if id(node) in softmax_region:
+                    self.decline("Add feeding a Softmax (attention mask/bias) kept float", node)
+                    continue
                 anchors.add(id(node))
         # followers (pools, Concat, Resize, data movement) join when their output reaches an anchor
         included = set(anchors)
@@ -1443,6 +1461,25 @@ def _applicability(model: ir.Model) -> str:
     if not n:
         return "no float Conv/Gemm/MatMul weights to quantize"
     return f"{n} Conv/Gemm/MatMul weight(s), {nbytes:,} B float → about {nbytes // 4:,} B int8"
+
+
+_ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Where", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Cast",
+                "Identity", "Expand", "Neg", "Max", "Min", "Clip"}
+
+
+def _softmax_region(graph: ir.Graph) -> set[int]:
+    """Nodes between an attention score and its Softmax (mask/bias adds, scaling): numerically
+    sensitive — masks hold huge negatives or -inf that no 8-bit range represents."""
+    region: set[int] = set()
+    stack = [n for n in graph if _is_onnx(n, "Softmax", "LogSoftmax")]
+    while stack:
+        node = stack.pop()
+        for v in node.inputs:
+            p = v.producer() if v is not None else None
+            if p is not None and id(p) not in region and _is_onnx(p, *_ELEMENTWISE):
+                region.add(id(p))
+                stack.append(p)
+    return region
 
 
 def _is_activation(v: ir.Value | None) -> bool:

@@ -641,3 +641,36 @@ def test_optimize_with_matching_deploy_check(target, tmp_path):
     code = cli("optimize", MODELS / "digits_mobilenetv2.onnx", "--passes", f"fold,quant(mode=static,target={target})",
                "--data", CALIB, "-o", out, "--target", target, "--no-latency", "-q")
     assert code == 0 and out.exists()  # validated in ORT CPU and passes the target's deploy check
+
+
+def test_attention_mask_add_and_inf_scores_stay_float():
+    # scores = x·xᵀ + mask (with -inf), softmax: the mask Add and the -inf tensor must not be quantized
+    mask = np.triu(np.full((4, 4), -np.inf, np.float32), 1)
+    nodes = [helper.make_node("Transpose", ["x"], ["xt"], perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["x", "xt"], ["s"]),
+             helper.make_node("Add", ["s", "m"], ["sm"]),
+             helper.make_node("Softmax", ["sm"], ["y"], axis=-1)]
+    g = helper.make_graph(nodes, "attn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4, 8]),
+                                          helper.make_tensor_value_info("m", TensorProto.FLOAT, [4, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, 4])])
+    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    x = np.random.default_rng(0).normal(size=(16, 4, 8)).astype(np.float32)
+    data = Dataset([lambda: {"x": x[:, None], "m": np.broadcast_to(mask, (16, 1, 4, 4))[:, 0][:, None][:, 0]}], 16, "t")
+    out, stats = quant(proto, data, mode="static")
+    assert stats["declines"]["Add feeding a Softmax (attention mask/bias) kept float"] == 1
+    q_inputs = {n.input[0] for n in out.graph.node if n.op_type == "QuantizeLinear"}
+    assert "m" not in q_inputs and "sm" not in q_inputs
+    ref = run_ort(proto, {"x": x, "m": mask})[0]
+    assert rel_l2(ref, run_ort(out, {"x": x, "m": mask})[0]) < 0.05
+
+
+def test_opset11_dropout_ratio_attribute_is_upgraded():
+    w = np.random.default_rng(0).normal(size=(6, 3, 1, 1)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Dropout", ["c"], ["y"], ratio=0.3)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 6, 4, 4])],
+                          [numpy_helper.from_array(w, "w")])
+    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 11)])
+    out, stats = quant(proto, mode="weights")  # quant() runs the onnx checker on the result
+    drop = next(n for n in out.graph.node if n.op_type == "Dropout")
+    assert not drop.attribute and len(drop.input) == 2 and out.opset_import[0].version == 13
