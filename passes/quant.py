@@ -983,9 +983,43 @@ class QuantPass(ShrinkPass):
         self._activation_ranges = ranges
         if o.max_drop >= 0:
             self._fallback(model)
+        self._fold_activations_into_q(model)
         if o.format == "qop":
             self._to_qop(model)
         return True
+
+    def _fold_activations_into_q(self, model: ir.Model) -> None:
+        """Drop a Relu/Clip(0, M) whose only consumer is a QuantizeLinear that already clamps to it.
+
+        Exact for the quantized model: ``Q(x)`` saturates to ``[s·(0 − z), s·(255 − z)]``; with ``z = 0``
+        (uint8) the lower clamp is the Relu, and when ``255·s ≤ M`` the upper one is inside the Clip, so
+        ``Q(relu(x)) = Q(x)`` and ``Q(clip(x, 0, M)) = Q(x)`` bit for bit (onnxruntime does the same fusion
+        when it loads the model). Symmetric int8 (tensorrt) is left alone.
+        """
+        graph = model.graph
+        for node in list(graph):
+            if not _is_onnx(node, "Relu", "Clip"):
+                continue
+            q = _sole_consumer(node.outputs[0])
+            if q is None or not _is_onnx(q, "QuantizeLinear") or node.outputs[0].is_graph_output():
+                continue
+            zp = _const_array(q.inputs[2]) if len(q.inputs) > 2 else None
+            scale = _const_array(q.inputs[1])
+            if zp is None or zp.dtype != np.uint8 or zp.size != 1 or int(zp) != 0 or scale is None or scale.size != 1:
+                continue
+            if node.op_type == "Clip":
+                lo = _const_array(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
+                hi = _const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+                if "min" in node.attributes or "max" in node.attributes:
+                    continue  # opset < 11 form
+                if lo is None or float(lo) != 0.0 or hi is None or float(scale) * 255 > float(hi) * (1 + 1e-6):
+                    continue
+            src = node.inputs[0]
+            if src is None or src.dtype != ir.DataType.FLOAT:
+                continue
+            q.replace_input_with(0, src)
+            graph.remove(node, safe=True)
+            self.count(f"{node.op_type.lower()}_folded_into_q")
 
     # static: placement ------------------------------------------------------------------------------
 

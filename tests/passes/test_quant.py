@@ -339,7 +339,11 @@ def test_static_placement_and_ort_fusion():
     # activations into conv1, conv2 (after Relu), gap/flatten/gemm chain: one Q per quantized tensor
     assert c["QuantizeLinear"] == stats["counters"]["activations_quantized"] >= 3
     q_inputs = {n.input[0] for n in out.graph.node if n.op_type == "QuantizeLinear"}
-    assert "x" in q_inputs and "r1" in q_inputs and "c1" not in q_inputs  # after the Relu, not before
+    # placed after the Relu, which is then folded into the uint8 Q (zero point 0 clamps like the Relu)
+    assert "x" in q_inputs and "c1" in q_inputs and c["Relu"] == 0
+    zp = {i.name: numpy_helper.to_array(i) for i in out.graph.initializer}
+    q_c1 = next(n for n in out.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "c1")
+    assert int(zp[q_c1.input[2]]) == 0
     ref = run_ort(conv_net(), {"x": x})[0]
     assert rel_l2(ref, run_ort(out, {"x": x})[0]) < 0.05
 
@@ -674,3 +678,12 @@ def test_opset11_dropout_ratio_attribute_is_upgraded():
     out, stats = quant(proto, mode="weights")  # quant() runs the onnx checker on the result
     drop = next(n for n in out.graph.node if n.op_type == "Dropout")
     assert not drop.attribute and len(drop.input) == 2 and out.opset_import[0].version == 13
+
+
+def test_relu_before_uint8_q_is_folded_exactly():
+    x = conv_data()
+    out, stats = quant(conv_net(), dataset({"x": x}), mode="static")
+    assert stats["counters"]["relu_folded_into_q"] == 1 and ops(out)["Relu"] == 0
+    # the quantized model computes the same with the Relu kept (Q already clamps at zero point 0)
+    kept, _ = quant(conv_net(), dataset({"x": x}), mode="static", target="tensorrt")
+    assert ops(kept)["Relu"] == 1  # symmetric int8 does not clamp at 0: the Relu stays
