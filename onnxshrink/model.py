@@ -39,6 +39,8 @@ __all__ = [
     "snapshot_annotations",
     "strip_added_annotations",
     "infer_shapes",
+    "unique_name",
+    "constant_value",
 ]
 
 logger = logging.getLogger(__name__)
@@ -641,3 +643,30 @@ def _merge_inferred(graph: ir.Graph, graph_proto: onnx.GraphProto) -> bool:
                 for sub, sub_proto in zip(attr.value, ap.graphs):
                     changed |= _merge_inferred(sub, sub_proto)
     return changed
+
+
+def unique_name(base: str, taken: Any) -> str:
+    """``base``, or ``base_1``, ``base_2`` … — the first not in ``taken`` (a set, or a graph's
+    ``initializers``). A set is updated with the returned name."""
+    name, i = base, 1
+    while name in taken:
+        name = f"{base}_{i}"
+        i += 1
+    if isinstance(taken, set):
+        taken.add(name)
+    return name
+
+
+def constant_value(value: ir.Value | None) -> ir.TensorProtocol | None:
+    """The tensor behind ``value`` if it is an initializer (not an overridable graph input) or the output
+    of a ``Constant`` node with a tensor ``value``; else None. Never reads external data."""
+    if value is None or value.is_graph_input():
+        return None
+    if value.const_value is not None:
+        return value.const_value
+    producer = value.producer()
+    if producer is not None and producer.op_type == "Constant" and producer.domain in ("", "ai.onnx"):
+        attr = producer.attributes.get("value")
+        if attr is not None and attr.type == ir.AttributeType.TENSOR:
+            return attr.as_tensor()
+    return None

@@ -34,6 +34,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxshrink.errors import UsageError
+from onnxshrink.model import constant_value
 
 __all__ = ["TARGETS", "TargetCheck", "check_target", "check_target_name", "TENSORRT_OPS", "TENSORRT_MIN_OPSET"]
 
@@ -148,6 +149,24 @@ def check_target(
     return result
 
 
+def static_problems(model: ir.Model, target: str) -> list[str]:
+    """The rules of ``target`` that can be checked on the graph alone (no onnxruntime, no files): what a
+    pass uses to verify its own output. tensorrt: every static rule of :func:`check_target`; mobile:
+    quantized activations are uint8; cpu: no u8s8 ``ConvInteger`` (onnxruntime has no CPU kernel)."""
+    check_target_name(target)
+    result = TargetCheck(target, True)
+    if target == "tensorrt":
+        _check_tensorrt(model, result)
+    elif target == "mobile":
+        _check_uint8_activations(model, result)
+    else:
+        for graph in model.graphs():
+            for node in graph:
+                if node.domain in _ONNX_DOMAINS and node.op_type == "ConvInteger":
+                    result.problems.append(f"{_node_label(node)}: ConvInteger (u8s8) has no onnxruntime CPU kernel")
+    return result.problems
+
+
 def check_target_name(target: str) -> None:
     """Raise :class:`~onnxshrink.errors.UsageError` (with a did-you-mean hint) unless ``target`` is known."""
     if target not in TARGETS:
@@ -171,22 +190,8 @@ def _node_label(node: ir.Node) -> str:
     return f"{op} node {name!r}"
 
 
-def _constant(value: ir.Value | None) -> ir.TensorProtocol | None:
-    """The tensor behind ``value`` if it is an initializer (not an overridable input) or a Constant's output."""
-    if value is None:
-        return None
-    if value.const_value is not None and not value.is_graph_input():
-        return value.const_value
-    producer = value.producer()
-    if producer is not None and producer.op_type == "Constant" and producer.domain in _ONNX_DOMAINS:
-        attr = producer.attributes.get("value")
-        if attr is not None and attr.type == ir.AttributeType.TENSOR:
-            return attr.as_tensor()
-    return None
-
-
 def _is_weight(value: ir.Value | None) -> bool:
-    return _constant(value) is not None
+    return constant_value(value) is not None
 
 
 def _opset(model: ir.Model) -> int:
@@ -197,7 +202,7 @@ def _q_output_type(node: ir.Node) -> ir.DataType | None:
     """The integer type a QuantizeLinear produces (zero point's type, output_dtype, else uint8)."""
     zp = node.inputs[2] if len(node.inputs) > 2 else None
     if zp is not None:
-        t = _constant(zp)
+        t = constant_value(zp)
         if t is not None:
             return t.dtype
         return zp.dtype
@@ -209,7 +214,7 @@ def _q_output_type(node: ir.Node) -> ir.DataType | None:
 
 def _dq_input_type(node: ir.Node) -> ir.DataType | None:
     x = node.inputs[0]
-    t = _constant(x)
+    t = constant_value(x)
     if t is not None:
         return t.dtype
     if x is not None and x.dtype is not None:
@@ -219,7 +224,7 @@ def _dq_input_type(node: ir.Node) -> ir.DataType | None:
         return _q_output_type(producer)
     zp = node.inputs[2] if len(node.inputs) > 2 else None
     if zp is not None:
-        zt = _constant(zp)
+        zt = constant_value(zp)
         return zt.dtype if zt is not None else zp.dtype
     return None
 
@@ -422,7 +427,7 @@ def _check_qdq_node(node: ir.Node, result: TargetCheck) -> None:
         result.problems.append(f"{label}: int4 is for weights only in TensorRT")
     # zero point: a constant of zeros
     if zp is not None:
-        zt = _constant(zp)
+        zt = constant_value(zp)
         if zt is None:
             result.problems.append(f"{label}: zero point {zp.name!r} is not a constant")
         else:
@@ -435,7 +440,7 @@ def _check_qdq_node(node: ir.Node, result: TargetCheck) -> None:
                 result.problems.append(f"{label}: zero point {zp.name!r} has {nonzero} non-zero value(s); "
                                        "TensorRT needs symmetric quantization (zero point 0)")
     # scale: a constant with a static shape
-    st = _constant(scale)
+    st = constant_value(scale)
     if st is None:
         result.problems.append(f"{label}: scale {scale.name if scale is not None else '?'!r} is not a constant "
                                "initializer")
@@ -454,9 +459,9 @@ def _check_qdq_node(node: ir.Node, result: TargetCheck) -> None:
     # the weight's consumer decides the output-channel axis
     axis = node.attributes.get_int("axis", 1)
     wvalue = node.inputs[0]
-    wt = _constant(wvalue)
+    wt = constant_value(wvalue)
     if wt is None and wvalue is not None and (p := wvalue.producer()) is not None:
-        wt = _constant(p.inputs[0])
+        wt = constant_value(p.inputs[0])
     rank = len(wt.shape) if wt is not None else None
     if rank is not None and axis < 0:
         axis += rank

@@ -37,10 +37,10 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common as ir_common
 
-from onnxshrink.model import constant_tensors, infer_shapes
+from onnxshrink.model import constant_tensors, infer_shapes, unique_name
 from onnxshrink.registry import ShrinkPass, option, register
 
-__all__ = ["FoldOptions", "FoldPass", "PROTECTED_OPS"]
+__all__ = ["FoldOptions", "FoldPass", "PROTECTED_OPS", "lift_constant"]
 
 logger = logging.getLogger(__name__)
 
@@ -146,14 +146,6 @@ def _new_initializer(graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.Da
     value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
     graph.register_initializer(value)
     return value
-
-
-def _unique(graph: ir.Graph, base: str) -> str:
-    name, i = base, 1
-    while name in graph.initializers:
-        name = f"{base}_{i}"
-        i += 1
-    return name
 
 
 @register("fold", FoldOptions, summary="constant folding, no-op and dead-code removal, BatchNorm fusion (exact)")
@@ -292,18 +284,9 @@ class FoldPass(ShrinkPass):
                 out = node.outputs[0]
                 if out.is_graph_output():
                     continue
-                tensor = _constant_node_tensor(node)
-                if tensor is None:
+                if lift_constant(graph, node) is None:
                     self._decline_once(node, "Constant with a sparse or string value kept as a node")
                     continue
-                name = out.name or "const"
-                value = ir.Value(name=None, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype),
-                                 const_value=tensor)
-                out.replace_all_uses_with(value)
-                graph.remove(node, safe=True)
-                value.name = _unique(graph, name)
-                tensor.name = value.name
-                graph.register_initializer(value)
                 self.count("constants_lifted")
                 changed = True
         return changed
@@ -426,7 +409,7 @@ class FoldPass(ShrinkPass):
                     if out.is_graph_output():
                         continue
                     array = np.array(values[0] if scalar else values, dtype=np.int64)
-                    const = _new_initializer(graph, _unique(graph, f"{out.name}_static"), array)
+                    const = _new_initializer(graph, unique_name(f"{out.name}_static", graph.initializers), array)
                     out.replace_all_uses_with(const)
                     graph.remove(reader, safe=True)
                     self.count("shape_reads_folded")
@@ -461,7 +444,7 @@ class FoldPass(ShrinkPass):
                     dims.append(0)
                 if not dims or dims.count(-1) > 1:
                     continue
-                const = _new_initializer(graph, _unique(graph, f"{shape.name}_static"), np.array(dims, np.int64))
+                const = _new_initializer(graph, unique_name(f"{shape.name}_static", graph.initializers), np.array(dims, np.int64))
                 node.replace_input_with(1, const)
                 self.count("reshape_shapes_materialized")
                 changed = True
@@ -676,10 +659,10 @@ class FoldPass(ShrinkPass):
             b_arr = np.zeros(c_out)
         b2 = (b_arr - mean) * s + beta
         np_dtype = w.dtype.numpy()
-        new_w = _new_initializer(graph, _unique(graph, f"{w_val.name}_bn"), W2.astype(np_dtype), w.dtype)
+        new_w = _new_initializer(graph, unique_name(f"{w_val.name}_bn", graph.initializers), W2.astype(np_dtype), w.dtype)
         bias_dtype = b.dtype if b is not None else w.dtype
         base = bias_val.name if bias_val is not None and bias_val.name else f"{w_val.name}_bias"
-        new_b = _new_initializer(graph, _unique(graph, f"{base}_bn"), b2.astype(bias_dtype.numpy()), bias_dtype)
+        new_b = _new_initializer(graph, unique_name(f"{base}_bn", graph.initializers), b2.astype(bias_dtype.numpy()), bias_dtype)
         prod.replace_input_with(1, new_w)
         if len(prod.inputs) < 3:
             prod.resize_inputs(3)
@@ -925,6 +908,24 @@ def _valid_at_opset(node: ir.Node, model: ir.Model) -> bool:
     while n_in and node.inputs[n_in - 1] is None:
         n_in -= 1
     return schema.min_input <= n_in <= schema.max_input and len(node.outputs) <= schema.max_output
+
+
+def lift_constant(graph: ir.Graph, node: ir.Node) -> ir.Value | None:
+    """Replace a ``Constant`` node of ``graph`` by an initializer holding its tensor (named after its output,
+    made unique among the graph's initializers). Returns the initializer, or None (node kept) for sparse or
+    string values."""
+    tensor = _constant_node_tensor(node)
+    if tensor is None:
+        return None
+    out = node.outputs[0]
+    value = ir.Value(name=None, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
+    out.replace_all_uses_with(value)
+    name = out.name or "const"
+    graph.remove(node, safe=True)
+    value.name = unique_name(name, graph.initializers)
+    tensor.name = value.name
+    graph.register_initializer(value)
+    return value
 
 
 def _constant_node_tensor(node: ir.Node) -> Any:

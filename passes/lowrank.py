@@ -85,6 +85,7 @@ import onnx_ir as ir
 from onnx_ir.passes import common as ir_common
 
 from onnxshrink.errors import UsageError
+from onnxshrink.model import constant_value, unique_name
 from onnxshrink.registry import ShrinkPass, option, register
 
 __all__ = ["LowrankOptions", "LowrankPass", "MAX_PATCH_DIM"]
@@ -217,20 +218,6 @@ def _static(value: ir.Value | None) -> bool:
     return value is not None and value.shape is not None and all(isinstance(d, int) for d in value.shape)
 
 
-def _const_tensor(value: ir.Value | None) -> ir.TensorProtocol | None:
-    """The constant behind ``value``: an initializer that is not a graph input, or a Constant node's tensor."""
-    if value is None or value.is_graph_input():
-        return None
-    if value.const_value is not None:
-        return value.const_value
-    prod = value.producer()
-    if prod is not None and prod.op_type == "Constant" and prod.domain in _ONNX:
-        attr = prod.attributes.get("value")
-        if attr is not None and attr.type == ir.AttributeType.TENSOR:
-            return attr.as_tensor()
-    return None
-
-
 def _conv_pads(node: ir.Node, in_sp: list[int] | None, k: list[int], strides: list[int], dil: list[int]) -> list[int] | None:
     nd = len(k)
     auto = node.attributes.get_string("auto_pad", "NOTSET")
@@ -361,7 +348,7 @@ class LowrankPass(ShrinkPass):
                 continue
             for i in ((0, 1) if node.op_type != "Conv" else (1,)):
                 v = node.inputs[i] if len(node.inputs) > i else None
-                t = _const_tensor(v)
+                t = constant_value(v)
                 if t is None or t.dtype not in _FLOATS or len(v.uses()) > 1:
                     continue
                 shape = [int(d) for d in t.shape.numpy()]
@@ -463,7 +450,7 @@ class LowrankPass(ShrinkPass):
         if op in ("MatMul", "Gemm"):
             if len(ins) < 2 or ins[0] is None or ins[1] is None:
                 return None
-            consts = [_const_tensor(v) is not None for v in ins[:2]]
+            consts = [constant_value(v) is not None for v in ins[:2]]
             if all(consts):
                 self._skip(node, "both inputs constant (fold it)")
                 return None
@@ -474,12 +461,12 @@ class LowrankPass(ShrinkPass):
         else:
             if len(ins) < 2 or ins[1] is None:
                 return None
-            if _const_tensor(ins[1]) is None:
+            if constant_value(ins[1]) is None:
                 self._skip(node, "weight is not constant")
                 return None
             w_index = 1
         wv = ins[w_index]
-        tensor = _const_tensor(wv)
+        tensor = constant_value(wv)
         if tensor.dtype not in _FLOATS:
             self._skip(node, f"weight dtype {tensor.dtype.name} is not float")
             return None
@@ -607,7 +594,7 @@ class LowrankPass(ShrinkPass):
     # -- factorization and rank choice -------------------------------------------------------------------
 
     def _weight(self, layer: _Layer) -> np.ndarray:
-        return np.asarray(_const_tensor(layer.node.inputs[layer.w_index]).numpy(), dtype=np.float64)
+        return np.asarray(constant_value(layer.node.inputs[layer.w_index]).numpy(), dtype=np.float64)
 
     def _decompose(self, layer: _Layer) -> None:
         o: LowrankOptions = self.options
@@ -651,7 +638,7 @@ class LowrankPass(ShrinkPass):
 
     def _dense(self, layer: _Layer, cfg: Any) -> np.ndarray:
         """The rank-``cfg`` reconstruction in the weight's own layout and dtype (for sensitivity probes)."""
-        dtype = _FLOATS[_const_tensor(layer.node.inputs[layer.w_index]).dtype]
+        dtype = _FLOATS[constant_value(layer.node.inputs[layer.w_index]).dtype]
         node = layer.node
         if layer.kind == "tucker":
             return _tucker_dense(*self._tucker_factors(layer, cfg)).astype(dtype)
@@ -833,13 +820,13 @@ class LowrankPass(ShrinkPass):
     def _emit(self, graph: ir.Graph, layer: _Layer, names: set[str]) -> None:
         node = layer.node
         wv = node.inputs[layer.w_index]
-        dtype = _FLOATS[_const_tensor(wv).dtype]
+        dtype = _FLOATS[constant_value(wv).dtype]
         base = (node.name or wv.name or "lowrank").strip("/").replace("/", "_")
         x = node.inputs[layer.act_index]
         new_nodes: list[ir.Node] = []
 
         def init(suffix: str, arr: np.ndarray) -> ir.Value:
-            name = _fresh(names, f"{base}_lowrank_{suffix}")
+            name = unique_name(f"{base}_lowrank_{suffix}", names)
             t = ir.tensor(np.ascontiguousarray(arr.astype(dtype)), name=name)
             v = ir.Value(name=name, shape=ir.Shape(t.shape), type=ir.TensorType(t.dtype), const_value=t)
             graph.register_initializer(v)
@@ -848,7 +835,7 @@ class LowrankPass(ShrinkPass):
         def mk(op: str, inputs: list, attrs: dict, suffix: str) -> ir.Value:
             n = ir.Node("", op, inputs, attributes=[ir.Attr(k, _attr_type(v), v) for k, v in attrs.items()],
                         num_outputs=1, name=f"{node.name or base}/lowrank_{suffix}")
-            n.outputs[0].name = _fresh(names, f"{base}_lowrank_{suffix}_out")
+            n.outputs[0].name = unique_name(f"{base}_lowrank_{suffix}_out", names)
             new_nodes.append(n)
             return n.outputs[0]
 
@@ -1009,15 +996,6 @@ def _all_names(graph: ir.Graph) -> set[str]:
     return names
 
 
-def _fresh(names: set[str], base: str) -> str:
-    name, i = base, 1
-    while name in names:
-        name = f"{base}_{i}"
-        i += 1
-    names.add(name)
-    return name
-
-
 def _drop_if_unused(graph: ir.Graph, value: ir.Value) -> None:
     if value.uses() or value.is_graph_output() or value.is_graph_input():
         return
@@ -1052,9 +1030,9 @@ class _ProbeSession:
         try:
             for layer in layers:
                 old = layer.node.inputs[layer.w_index]
-                name = _fresh(names, f"lowrank_probe_{len(added)}")
+                name = unique_name(f"lowrank_probe_{len(added)}", names)
                 # a copy: serializing renames the tensor object, which the original value must keep
-                tensor = ir.tensor(_const_tensor(old).numpy(), name=name)
+                tensor = ir.tensor(constant_value(old).numpy(), name=name)
                 v = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype),
                              const_value=tensor)
                 graph.register_initializer(v)
@@ -1130,7 +1108,7 @@ def _measure_latency(p: LowrankPass, model: ir.Model, layer: _Layer) -> tuple[fl
                 elif v is None:
                     inputs.append(None)
                 else:
-                    t = ir.tensor(_const_tensor(v).numpy(), name=f"w{i}")  # a copy (see _ProbeSession)
+                    t = ir.tensor(constant_value(v).numpy(), name=f"w{i}")  # a copy (see _ProbeSession)
                     c = ir.Value(name=f"w{i}", shape=ir.Shape(t.shape), type=ir.TensorType(t.dtype), const_value=t)
                     inits.append(c)
                     inputs.append(c)

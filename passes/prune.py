@@ -66,6 +66,7 @@ import onnx_ir as ir
 from onnx_ir.passes import common as ir_common
 
 from onnxshrink.errors import UsageError
+from onnxshrink.model import unique_name
 from onnxshrink.passes.channels import ChannelGraph, Consumer, Layout, analyze, kept_count, layout_indices
 from onnxshrink.registry import ShrinkPass, option, register
 
@@ -713,16 +714,8 @@ def _estimate_macs(cg: ChannelGraph, keep: dict[int, np.ndarray]) -> float:
     return total
 
 
-def _unique_name(graph: ir.Graph, base: str) -> str:
-    name, i = base, 1
-    while name in graph.initializers:
-        name = f"{base}_{i}"
-        i += 1
-    return name
-
-
 def _new_const(graph: ir.Graph, base: str, array: np.ndarray, dtype: ir.DataType | None) -> ir.Value:
-    name = _unique_name(graph, base)
+    name = unique_name(base, graph.initializers)
     tensor = ir.tensor(array, dtype=dtype, name=name)
     value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
     graph.register_initializer(value)

@@ -75,9 +75,11 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxshrink.errors import UsageError
+from onnxshrink.model import unique_name
+from onnxshrink.targets import static_problems
 from onnxshrink.registry import ShrinkPass, option, register
 
-__all__ = ["QuantOptions", "QuantPass", "check_qdq_rules"]
+__all__ = ["QuantOptions", "QuantPass"]
 
 logger = logging.getLogger(__name__)
 
@@ -432,19 +434,6 @@ def _is_weight(value: ir.Value | None) -> bool:
     return value.const_value.dtype == ir.DataType.FLOAT
 
 
-def _owner_graph(value: ir.Value) -> ir.Graph | None:
-    return value.graph
-
-
-def _unique_name(graph: ir.Graph, base: str, taken: set[str]) -> str:
-    name, i = base, 1
-    while name in taken or name in graph.initializers:
-        name = f"{base}_{i}"
-        i += 1
-    taken.add(name)
-    return name
-
-
 def _attr(node: ir.Node, name: str, default: Any) -> Any:
     a = node.attributes.get(name)
     return default if a is None else a.value
@@ -510,15 +499,17 @@ class QuantPass(ShrinkPass):
         if o.max_drop >= 0 and data is None:
             raise UsageError("max_drop needs data to measure the drop", pass_name=self.name, option="max_drop",
                              hint="give --data")
-        self.stats_extra: dict[str, Any] = {"mode": mode}
+        self.details["mode"] = mode
         self._restore: dict[int, tuple[ir.Node, dict[int, list]]] = {}
         self._unnamed: list[ir.Node] = []
+        self._counter = 0  # short-name counter
+        self._zeros: dict[ir.DataType, ir.Value] = {}  # shared scalar zero points of QLinear ops
         reduce = o.reduce_range == "on" or (o.reduce_range == "auto" and o.target in ("cpu", "mobile")
                                             and mode in ("static", "dynamic"))
         self._wbits = 7 if reduce else 8
         self._keep_zp = False  # DequantizeLinear's zero point defaults to 0; QLinear ops get a shared scalar
         if reduce:
-            self.stats_extra["weights"] = "int8 with 7-bit range (reduce_range)"
+            self.details["weights"] = "int8 with 7-bit range (reduce_range)"
         if o.max_drop >= 0:
             if mode != "static":
                 raise UsageError("max_drop works with mode=static", pass_name=self.name, option="max_drop",
@@ -537,7 +528,7 @@ class QuantPass(ShrinkPass):
         if opset < 10 or (mode == "dynamic" and opset < 11):
             need = 11 if mode == "dynamic" else 10
             self.decline(f"opset {opset} < {need}: no {'DynamicQuantizeLinear' if need == 11 else 'QuantizeLinear'}")
-            self.stats_extra["skipped"] = f"opset {opset} has no quantization ops (needs >= {need})"
+            self.details["skipped"] = f"opset {opset} has no quantization ops (needs >= {need})"
             return False
         changed = self._lift_constants(model)
         if model.ir_version is not None and model.ir_version < 4:
@@ -554,16 +545,11 @@ class QuantPass(ShrinkPass):
         self._remove_unused(model)
         for node in self._unnamed:
             node.name = None
-        problems = check_qdq_rules(model, o.target)
-        self.stats_extra["target_check"] = f"{o.target}: ok" if not problems else f"{o.target}: " + "; ".join(problems[:3])
+        problems = static_problems(model, o.target)
+        self.details["target_check"] = f"{o.target}: ok" if not problems else f"{o.target}: " + "; ".join(problems[:3])
         if problems:
             self.decline(f"output breaks {o.target} rules")
         return changed
-
-    def call(self, model: ir.Model):  # noqa: D102 - adds the extra stats
-        result = super().call(model)
-        result.stats.update(getattr(self, "stats_extra", {}))
-        return result
 
     # -- shared -----------------------------------------------------------------------------------
 
@@ -572,33 +558,25 @@ class QuantPass(ShrinkPass):
 
     def _lift_constants(self, model: ir.Model) -> bool:
         """Constant nodes feeding weight slots become initializers (Paddle/TF exports store weights so)."""
-        from onnxshrink.passes.fold import _constant_node_tensor
+        from onnxshrink.passes.fold import lift_constant
 
         changed = False
         for graph in model.graphs():
             for node in list(graph):
                 if not _is_onnx(node, "Constant") or node.outputs[0].is_graph_output():
                     continue
-                out = node.outputs[0]
-                if not any(_is_onnx(u, *WEIGHT_OPS) for u, _ in out.uses()):
+                if not any(_is_onnx(u, *WEIGHT_OPS) for u, _ in node.outputs[0].uses()):
                     continue
-                tensor = _constant_node_tensor(node)
-                if tensor is None:
+                value = lift_constant(graph, node)
+                if value is None:
                     continue
-                name = out.name or "const"
-                value = ir.Value(name=None, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype),
-                                 const_value=tensor)
-                out.replace_all_uses_with(value)
-                graph.remove(node, safe=True)
-                value.name = name if name not in graph.initializers else _unique_name(graph, name, self._taken)
-                tensor.name = value.name
-                graph.register_initializer(value)
+                self._taken.add(value.name)
                 self.count("constant_weights_lifted")
                 changed = True
         return changed
 
     def _new_init(self, graph: ir.Graph, base: str, array: np.ndarray, dtype: ir.DataType | None = None) -> ir.Value:
-        name = _unique_name(graph, base, self._taken)
+        name = unique_name(base, self._taken)
         tensor = ir.tensor(array, dtype=dtype, name=name)
         value = ir.Value(name=name, shape=ir.Shape(np.shape(array)), type=ir.TensorType(tensor.dtype),
                          const_value=tensor)
@@ -608,7 +586,7 @@ class QuantPass(ShrinkPass):
     def _short(self, kind: str) -> str:
         """A short unique base name (``w3``, ``a17``): on small models names are a large part of the file."""
         while True:
-            self._counter = getattr(self, "_counter", 0) + 1
+            self._counter += 1
             name = f"{kind}{self._counter}"
             if not any(n.startswith(name) for n in (name, name + "s", name + "z", name + "q", name + "d")
                        if n in self._taken):
@@ -620,7 +598,7 @@ class QuantPass(ShrinkPass):
         attributes = [v if isinstance(v, ir.Attr) else ir.Attr(k, _attr_type(v), v) for k, v in (attrs or {}).items()]
         node = ir.Node(domain, op, inputs, attributes, outputs=outputs,
                        num_outputs=None if outputs is not None else num_outputs,
-                       name=_unique_name_global(name, self._taken) if name else None)
+                       name=unique_name(name, self._taken) if name else None)
         if not name:
             self._unnamed.append(node)  # the graph names nodes on insertion; saved files need no names
         return node
@@ -644,7 +622,7 @@ class QuantPass(ShrinkPass):
         old = _opset(model)
         if old < 11:
             self._per_channel_ok = False
-            self.stats_extra["per_channel"] = f"per-tensor activations: opset {old} < 11 is not upgraded"
+            self.details["per_channel"] = f"per-tensor activations: opset {old} < 11 is not upgraded"
             return False
         blockers = []
         for node in _all_nodes(model):
@@ -657,7 +635,7 @@ class QuantPass(ShrinkPass):
                     blockers.append(f"{node.op_type} {node.name!r} axis {axis}")
         if blockers:
             self._per_channel_ok = False
-            self.stats_extra["per_channel"] = (f"opset {old} kept: {blockers[0]} changes meaning at opset 13; "
+            self.details["per_channel"] = (f"opset {old} kept: {blockers[0]} changes meaning at opset 13; "
                                                "weights per-channel via DequantizeLinear·scale")
             return False
         for graph in model.graphs():
@@ -684,7 +662,7 @@ class QuantPass(ShrinkPass):
                     _append_input(node, c)
         model.opset_imports[""] = 13
         model.opset_imports.pop("ai.onnx", None)
-        self.stats_extra["opset_upgraded"] = f"{old} -> 13 (per-channel DequantizeLinear needs opset 13)"
+        self.details["opset_upgraded"] = f"{old} -> 13 (per-channel DequantizeLinear needs opset 13)"
         self.count("opset_upgraded")
         return True
 
@@ -764,7 +742,7 @@ class QuantPass(ShrinkPass):
                 dq = self._node("DequantizeLinear", [qv, sv] + ([zv] if zv is not None else []), attrs)
                 nodes = [dq]
                 result = dq.outputs[0]
-            result.name = _unique_name_global(f"{base}d", self._taken)
+            result.name = unique_name(f"{base}d", self._taken)
             result.dtype = ir.DataType.FLOAT
             result.shape = ir.Shape(list(w.shape))
             self._insert_front(graph, group, nodes)
@@ -773,12 +751,7 @@ class QuantPass(ShrinkPass):
                 out[(node, slot)] = result
             self.count("weights_quantized")
             self.count("weight_bytes_saved", int(w.nbytes - q.nbytes))
-            self._record_weight(weight.name, axis, scale)
         return out
-
-    def _record_weight(self, name: str | None, axis: int | None, scale: np.ndarray) -> None:
-        self._weight_info = getattr(self, "_weight_info", {})
-        self._weight_info[name] = (axis, scale)
 
     def _insert_front(self, graph: ir.Graph, uses: list[tuple[ir.Node, int]], nodes: list[ir.Node]) -> None:
         """Insert ``nodes`` before the first use in ``graph`` (or at its start if uses are in subgraphs)."""
@@ -937,7 +910,7 @@ class QuantPass(ShrinkPass):
         except (RuntimeError, ValueError) as e:
             # onnxruntime cannot run this graph (custom or training ops, old kernels): weights only
             self.decline("calibration impossible (onnxruntime cannot run the model): weights only")
-            self.stats_extra["calibration"] = f"not possible: {str(e).splitlines()[0][:200]}"
+            self.details["calibration"] = f"not possible: {str(e).splitlines()[0][:200]}"
             return self._quantize_weights(model) or changed
         ranges: dict[str, tuple[float, float]] = {}
         symmetric = o.target == "tensorrt"
@@ -1125,7 +1098,7 @@ class QuantPass(ShrinkPass):
         o = self.options
         data = self.context.data
         need_hist = o.calib != "minmax"
-        store = getattr(self.context, "store", None)
+        store = self.context.store
         key = None
         stats: dict[str, TensorStats] = {}
         if store is not None:
@@ -1136,7 +1109,7 @@ class QuantPass(ShrinkPass):
                 if all(n in stats for n in names) and (not need_hist or all(
                         stats[n].hist is not None for n in names)):
                     self.count("calibration_cache_hits")
-                    self.stats_extra["calibration"] = f"cached ({len(names)} tensors)"
+                    self.details["calibration"] = f"cached ({len(names)} tensors)"
                     return stats
                 stats = {}
         limit = min(o.samples, data.num_samples)
@@ -1160,7 +1133,7 @@ class QuantPass(ShrinkPass):
                             x = batch[n]
                             if x.dtype.kind == "f" and math.isfinite(stats[n].lo):
                                 stats[n].add_hist(x)
-        self.stats_extra["calibration"] = f"{o.calib} on {limit} samples, {len(names)} tensors, {len(groups)} group(s)"
+        self.details["calibration"] = f"{o.calib} on {limit} samples, {len(names)} tensors, {len(groups)} group(s)"
         if store is not None and key is not None:
             store.put(key, {n: s.to_arrays() for n, s in stats.items()})
         return stats
@@ -1174,11 +1147,11 @@ class QuantPass(ShrinkPass):
         sv = self._new_init(graph, f"{base}s", scale)
         zv = self._new_init(graph, f"{base}z", zp)
         q = self._node("QuantizeLinear", [value, sv, zv])
-        q.outputs[0].name = _unique_name_global(f"{base}q", self._taken)
+        q.outputs[0].name = unique_name(f"{base}q", self._taken)
         q.outputs[0].dtype = ir.DataType.UINT8 if zp.dtype == np.uint8 else ir.DataType.INT8
         q.outputs[0].shape = value.shape
         dq = self._node("DequantizeLinear", [q.outputs[0], sv, zv])
-        dq.outputs[0].name = _unique_name_global(f"{base}d", self._taken)
+        dq.outputs[0].name = unique_name(f"{base}d", self._taken)
         dq.outputs[0].dtype = ir.DataType.FLOAT
         dq.outputs[0].shape = value.shape
         producer = value.producer()
@@ -1219,7 +1192,7 @@ class QuantPass(ShrinkPass):
             qv = self._new_init(graph, base, bq)
             sv = self._new_init(graph, f"{base}s", bscale)
             dq = self._node("DequantizeLinear", [qv, sv], {"axis": 0})
-            dq.outputs[0].name = _unique_name_global(f"{base}d", self._taken)
+            dq.outputs[0].name = unique_name(f"{base}d", self._taken)
             dq.outputs[0].dtype = ir.DataType.FLOAT
             dq.outputs[0].shape = ir.Shape(list(barr.shape))
             graph.insert_before(node, [dq])
@@ -1424,7 +1397,6 @@ class QuantPass(ShrinkPass):
 
     def _zero(self, graph: ir.Graph, dtype: ir.DataType) -> ir.Value:
         """A shared scalar zero point of ``dtype`` (QLinear ops require one; 0 for symmetric weights)."""
-        self._zeros = getattr(self, "_zeros", {})
         if dtype not in self._zeros:
             self._zeros[dtype] = self._new_init(graph, f"zero_{dtype.name.lower()}",
                                                 np.zeros((), dtype.numpy()))
@@ -1474,7 +1446,7 @@ class QuantPass(ShrinkPass):
         report["drop_final"] = round(drop, 6)
         report["float_layers"] = fallen
         report["met"] = bool(drop <= o.max_drop)
-        self.stats_extra["max_drop"] = report
+        self.details["max_drop"] = report
         if not report["met"]:
             self.decline("max_drop not met even with every layer in float")
 
@@ -1646,61 +1618,6 @@ def _attr_type(v: Any) -> ir.AttributeType:
     raise TypeError(type(v))
 
 
-_GLOBAL_COUNTER = [0]
-
-
-def _unique_name_global(base: str, taken: set[str]) -> str:
-    name, i = base, 1
-    while name in taken:
-        name = f"{base}_{i}"
-        i += 1
-    taken.add(name)
-    return name
-
-
 def _append_input(node: ir.Node, value: ir.Value) -> None:
     node.resize_inputs(len(node.inputs) + 1)
     node.replace_input_with(len(node.inputs) - 1, value)
-
-
-def check_qdq_rules(model: ir.Model, target: str) -> list[str]:
-    """Problems of a quantized model against ``target``'s rules (empty: conforms).
-
-    tensorrt: int8 zero points equal to 0, no uint8 Q/DQ inside the network, per-axis scales only on
-    weight DequantizeLinear along the output-channel axis, no DynamicQuantizeLinear, no QLinear*/integer
-    ops, opset ≥ 13. mobile: activations uint8. cpu: no ConvInteger (no u8s8 CPU kernel).
-    """
-    problems: list[str] = []
-    opset = _opset(model)
-    for node in _all_nodes(model):
-        op = node.op_type
-        where = f"{op} {node.name!r}"
-        if target == "tensorrt":
-            if op == "DynamicQuantizeLinear":
-                problems.append(f"{where}: TensorRT does not support DynamicQuantizeLinear")
-            if op.startswith("QLinear") or op in ("MatMulInteger", "ConvInteger", "MatMulNBits"):
-                problems.append(f"{where}: TensorRT takes QDQ, not {op}")
-            if op in ("QuantizeLinear", "DequantizeLinear"):
-                zp = _const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
-                dtype = node.inputs[2].dtype if len(node.inputs) > 2 and node.inputs[2] is not None else None
-                if zp is not None and np.any(zp != 0):
-                    problems.append(f"{where}: zero point must be 0 (symmetric)")
-                if dtype == ir.DataType.UINT8:
-                    problems.append(f"{where}: uint8 is only allowed at network inputs/outputs")
-                scale = node.inputs[1]
-                if scale is not None and scale.shape is not None and len(scale.shape) > 0 and (
-                        scale.shape.numel() if hasattr(scale.shape, "numel") else 2) > 1:
-                    src = node.inputs[0]
-                    if op == "QuantizeLinear" or not (src is not None and src.const_value is not None):
-                        problems.append(f"{where}: per-axis scales are for weights only")
-            if opset < 13:
-                pass
-        if target == "mobile" and op in ("QuantizeLinear",):
-            zp = node.inputs[2] if len(node.inputs) > 2 else None
-            if zp is None or zp.dtype != ir.DataType.UINT8:
-                problems.append(f"{where}: activations must be uint8 for NNAPI/XNNPACK")
-        if target == "cpu" and op == "ConvInteger":
-            problems.append(f"{where}: ConvInteger (u8s8) has no onnxruntime CPU kernel")
-    if target == "tensorrt" and opset < 13:
-        problems.append(f"opset {opset} < 13: TensorRT explicit quantization needs opset 13")
-    return problems

@@ -27,11 +27,11 @@ from onnxshrink.passes.quant import (
     QuantPass,
     TensorStats,
     activation_qparams,
-    check_qdq_rules,
     choose_range,
     quantize_weight,
 )
 from onnxshrink.registry import PassContext
+from onnxshrink.targets import static_problems as check_qdq_rules
 
 CALIB = MODELS / "digits_calib.npz"
 TEST = MODELS / "digits_test.npz"
