@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 
 from onnxshrink.calib import Dataset, StatsStore, input_specs, load_data, synthetic_data
@@ -335,9 +334,7 @@ def optimize(
                              "loaded at once (--latency measures it anyway)")
         if latency and ref_path is not None:
             lat_data = val_data if val_data is not None else synthetic_data(specs, input_shapes)[0]
-            measured = [x for x in (measure_latency(ref_path, artifact, lat_data, batch=1),
-                                    measure_latency(ref_path, artifact, lat_data, batch=32)) if x is not None]
-            measured = list({x.batch: x for x in measured}.values())
+            measured = measure_latency(ref_path, artifact, lat_data, batches=(1, 32))
             for lat in measured:
                 if lat.slower:
                     notes.append(f"SLOWER: the result takes {lat.after_ms:.3f} ms vs {lat.before_ms:.3f} ms "

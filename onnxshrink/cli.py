@@ -287,8 +287,7 @@ def inspect(
     debug: bool = typer.Option(False, "--debug", help="debug logging and tracebacks"),
 ) -> int:
     """Show size by op type, parameters, MACs, opset, inputs/outputs and what each pass could do."""
-    import onnx_ir as ir
-    from onnxshrink.model import constant_tensors, infer_shapes, load_model, model_stats
+    from onnxshrink.model import infer_shapes, load_model, model_stats
     from onnxshrink.registry import all_passes
 
     _setup_logging(debug, False)

@@ -41,7 +41,6 @@ import dataclasses
 import json
 import math
 import os
-import statistics
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -51,7 +50,7 @@ import onnx_ir as ir
 
 from onnxshrink.calib import Dataset, input_specs, load_data, synthetic_data
 from onnxshrink.errors import DataError, InputError, UsageError
-from onnxshrink.validate import OutputMetrics, Tolerances, _Acc, compare_models, make_session
+from onnxshrink.validate import OutputMetrics, Tolerances, _Acc, compare_models, measure_latency
 
 __all__ = [
     "compare",
@@ -62,7 +61,6 @@ __all__ = [
     "match_layers",
     "load_labels",
     "weight_bytes_by_op",
-    "measure_latency",
     "COMPARE_SCHEMA_VERSION",
 ]
 
@@ -810,19 +808,6 @@ def weight_bytes_by_op(model: ir.Model) -> dict[str, int]:
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
-def measure_latency(path: str | os.PathLike, feed: dict[str, np.ndarray], runs: int = 30, warmup: int = 3) -> float:
-    """Median wall time in milliseconds of ``runs`` onnxruntime CPU runs of ``feed``."""
-    sess = make_session(path)
-    for _ in range(warmup):
-        sess.run(None, feed)
-    times = []
-    for _ in range(max(1, runs)):
-        t0 = time.perf_counter()
-        sess.run(None, feed)
-        times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times)
-
-
 def size_section(ref: ir.Model, cand: ir.Model, ref_path: str | os.PathLike,
                  cand_path: str | os.PathLike) -> dict[str, Any]:
     """Stats and weight bytes by op type of both models."""
@@ -961,10 +946,10 @@ def compare(
         result.per_layer = _per_layer(ref_m, cand_m, dataset, budget_bytes=budget_bytes, limit=limit,
                                       progress=progress)
     if latency_runs > 0 and val.outputs:
-        feed = next(iter(dataset.samples(1)))
-        r_ms = measure_latency(ref, feed, latency_runs)
-        c_ms = measure_latency(cand, feed, latency_runs)
-        result.latency = {"ref_ms": r_ms, "cand_ms": c_ms, "speedup": r_ms / c_ms if c_ms > 0 else None,
-                          "runs": latency_runs, "batch": 1}
+        measured = measure_latency(ref, cand, dataset, batches=(1,), runs=latency_runs)
+        if measured:
+            r_ms, c_ms = measured[0].before_ms, measured[0].after_ms
+            result.latency = {"ref_ms": r_ms, "cand_ms": c_ms, "speedup": r_ms / c_ms if c_ms > 0 else None,
+                              "runs": latency_runs, "batch": 1}
     result.seconds = time.perf_counter() - start
     return result

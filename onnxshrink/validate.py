@@ -240,17 +240,21 @@ def _accumulate(accs: dict[str, _Acc], out_names: list[str], ref_out: list, cand
     return None
 
 
-def make_session(path: str | os.PathLike, *, low_memory: bool = False) -> Any:
+def make_session(path: str | os.PathLike, *, low_memory: bool = False, threads: int | None = None) -> Any:
     """An onnxruntime CPU session created from a file path, with warnings silenced.
 
     ``low_memory`` turns off weight prepacking (a second, packed copy of every MatMul/Conv weight) and the
-    memory arena: slower, but a big model is held once.
+    memory arena: slower, but a big model is held once. ``threads`` pins intra-op threads (and one
+    inter-op thread), for timing.
     """
     import onnxruntime as ort
 
     ort.set_default_logger_severity(3)
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    if threads is not None:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
     if low_memory:
         so.add_session_config_entry("session.disable_prepacking", "1")
         so.enable_cpu_mem_arena = False
@@ -485,34 +489,32 @@ class Latency:
 
 
 def measure_latency(ref_path: str | os.PathLike, cand_path: str | os.PathLike, data: Dataset, *,
-                    batch: int = 1, runs: int = 50, threads: int = 1) -> Latency | None:
-    """Median latency of both models on the same feed, runs interleaved so load affects both alike.
+                    batches: tuple[int, ...] = (1,), runs: int = 50, threads: int = 1) -> list[Latency]:
+    """Median latency of both models at each batch size, from one session per model, with runs
+    interleaved so machine load affects both alike.
 
-    Returns None when either model cannot run in onnxruntime on that feed.
+    A batch size the models cannot take (static batch axis) is measured at 1; sizes that end up equal are
+    measured once. Returns an empty list when either model cannot run in onnxruntime.
     """
-    import onnxruntime as ort
-
-    def session(path: str | os.PathLike) -> Any:
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        return ort.InferenceSession(os.fspath(path), so, providers=["CPUExecutionProvider"])
-
     try:
-        ref, cand = session(ref_path), session(cand_path)
-        batchable = batch > 1 and _batchable(ref) and _batchable(cand)
-        feed = next(iter(data.batches(batch, batchable)))
-        n = len(next(iter(feed.values()))) if feed and batchable else 1
-        for s in (ref, cand):
-            for _ in range(3):
-                s.run(None, feed)
-        times: dict[int, list[float]] = {0: [], 1: []}
-        for _ in range(runs):
-            for i, s in enumerate((ref, cand)):
-                t = time.perf_counter()
-                s.run(None, feed)
-                times[i].append(time.perf_counter() - t)
+        ref, cand = make_session(ref_path, threads=threads), make_session(cand_path, threads=threads)
+        batchable = _batchable(ref) and _batchable(cand)
+        out: dict[int, Latency] = {}
+        for batch in batches:
+            feed = next(iter(data.batches(batch, batchable and batch > 1)))
+            n = len(next(iter(feed.values()))) if feed and batchable and batch > 1 else 1
+            if n in out:
+                continue
+            for s in (ref, cand):
+                for _ in range(3):
+                    s.run(None, feed)
+            times: dict[int, list[float]] = {0: [], 1: []}
+            for _ in range(runs):
+                for i, s in enumerate((ref, cand)):
+                    t = time.perf_counter()
+                    s.run(None, feed)
+                    times[i].append(time.perf_counter() - t)
+            out[n] = Latency(float(np.median(times[0]) * 1000), float(np.median(times[1]) * 1000), n, runs, threads)
     except Exception:  # noqa: BLE001 - latency is informative; validation reports run failures
-        return None
-    return Latency(float(np.median(times[0]) * 1000), float(np.median(times[1]) * 1000), n, runs, threads)
+        return []
+    return list(out.values())

@@ -475,7 +475,6 @@ class LowrankPass(ShrinkPass):
             return None
         wshape = tuple(int(d) for d in tensor.shape.numpy())
         act = ins[1 - w_index] if op != "Conv" else ins[0]
-        act_index = 1 - w_index if op != "Conv" else 0
         out = node.outputs[0]
         out_dims = _dims(out)
         if op == "MatMul":
@@ -893,7 +892,6 @@ class LowrankPass(ShrinkPass):
         _drop_if_unused(graph, wv)
 
     def _record(self, layer: _Layer) -> None:
-        o: LowrankOptions = self.options
         row: dict[str, Any] = {"layer": layer.name, "op": layer.node.op_type + ("/tucker" if layer.kind == "tucker" else ""),
                                "shape": list(layer.wshape), "rank": None, "params": layer.params,
                                "params_saved": 0, "macs": layer.macs, "macs_saved": 0,

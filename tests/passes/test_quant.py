@@ -591,7 +591,7 @@ def test_require_faster_fails_when_slower(tmp_path, monkeypatch, capsys):
     import onnxshrink as pkg
     from onnxshrink.validate import Latency
 
-    monkeypatch.setattr(pkg, "measure_latency", lambda *a, batch=1, **k: Latency(1.0, 2.0, batch, 5))
+    monkeypatch.setattr(pkg, "measure_latency", lambda *a, batches=(1,), **k: [Latency(1.0, 2.0, b, 5) for b in batches])
     out = tmp_path / "o.onnx"
     code = cli(*["optimize", str(MODELS / "digits_cnn.onnx"), "--passes", "quant", "-o", str(out),
                  "--require-faster", "-q"])
