@@ -138,7 +138,7 @@ def bert_rows(runs: int, tmp: Path) -> list[dict]:
         "onnxshrink dynamic": (str(tmp / "bert.dyn.onnx"), ours(model, "fold,quant(mode=dynamic)", calib, tmp / "bert.dyn.onnx")),
         "ort quantize_dynamic": (str(tmp / "bert.ortdyn.onnx"), ort_dynamic(model, tmp / "bert.ortdyn.onnx")),
         "onnxshrink static": (str(tmp / "bert.st.onnx"), ours(model, "fold,quant(mode=static)", calib, tmp / "bert.st.onnx")),
-        "ort quantize_static": (str(tmp / "bert.ortst.onnx"), _ort_static_seq(model, calib, tmp / "bert.ortst.onnx")),
+        "ort quantize_static": (str(tmp / "bert.ortst.onnx"), ort_static(model, calib, tmp / "bert.ortst.onnx")),
     }
     paths = [p for p, _ in candidates.values()]
     lat1 = latency(paths, x, 1, runs)
@@ -151,25 +151,6 @@ def bert_rows(runs: int, tmp: Path) -> list[dict]:
                      "size_ratio": round(os.path.getsize(path) / os.path.getsize(model), 3),
                      "lat1_ratio": round(lat1[i] / lat1[0], 3), "tool_s": round(secs, 2)})
     return rows
-
-
-def _ort_static_seq(model: Path, calib: Path, out: Path) -> float:
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-    x = np.load(calib)["input"]
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.it = iter(range(0, len(x), 32))
-
-        def get_next(self):
-            i = next(self.it, None)
-            return None if i is None else {"input": x[i:i + 32]}
-
-    t = time.perf_counter()
-    quantize_static(str(model), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-    return time.perf_counter() - t
 
 
 _CHILD = r"""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import logging
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -36,3 +38,30 @@ def rel_l2(ref: np.ndarray, cand: np.ndarray) -> float:
 @pytest.fixture
 def models_dir() -> Path:
     return MODELS
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """The CLI sets logger levels (root, onnx_ir, onnxscript): put them back after each test."""
+    names = ["", "onnx_ir", "onnxscript"]
+    levels = {n: logging.getLogger(n or None).level for n in names}
+    yield
+    for n, lvl in levels.items():
+        logging.getLogger(n or None).setLevel(lvl)
+
+
+def cli_exit(*args) -> int:
+    """Run the CLI in-process; return its exit code."""
+    from onnxshrink.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main([str(a) for a in args])
+    return 0 if exc.value.code is None else exc.value.code
+
+
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    """Run the CLI in-process; return (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    code = cli_exit(*args)
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import logging
 import os
 import re
 import shutil
@@ -25,8 +24,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxshrink import registry
-from onnxshrink.cli import main
 from onnxshrink.registry import ShrinkPass, option
+
+from conftest import run_cli  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"
@@ -42,26 +42,6 @@ FOLD_SPEC = "fold(constants=true,noops=true,fuse_bn=true,dedup=true,max_growth=0
 
 # --------------------------------------------------------------------------------------------------
 # Helpers and fixtures
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """The CLI sets logger levels (root, onnx_ir, onnxscript): put them back after each test."""
-    names = ["", "onnx_ir", "onnxscript"]
-    levels = {n: logging.getLogger(n or None).level for n in names}
-    yield
-    for n, lvl in levels.items():
-        logging.getLogger(n or None).setLevel(lvl)
-
-
-def run_cli(capsys, *args) -> tuple[int, str, str]:
-    """Run the CLI in-process; return (exit code, stdout, stderr)."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    code = exc.value.code
-    return (0 if code is None else code), out, err
 
 
 def sha(p: Path) -> str:

@@ -5,7 +5,6 @@ bounded memory, and the page rendered in headless Chromium (screenshot in tests/
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import shutil
@@ -20,12 +19,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxshrink
 from onnxshrink.calib import Dataset
-from onnxshrink.cli import main
 from onnxshrink.compare import HIST_EDGES, compare, match_layers
 from onnxshrink.errors import DataError
 from onnxshrink.model import load_model
 
-from conftest import MODELS, run_ort
+from conftest import MODELS, run_cli, run_ort
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "tests" / "artifacts"
@@ -34,23 +32,6 @@ TEST_NPZ = MODELS / "digits_test.npz"
 LABELS = MODELS / "digits_test_labels.npy"
 CALIB_NPZ = MODELS / "digits_calib.npz"
 BAD_LAYER = "/blocks/blocks.2/body/body.0/Conv"  # the layer the QDQ fixture quantizes with a wrong scale
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    names = ["", "onnx_ir", "onnxscript"]
-    levels = {n: logging.getLogger(n or None).level for n in names}
-    yield
-    for n, lvl in levels.items():
-        logging.getLogger(n or None).setLevel(lvl)
-
-
-def run_cli(capsys, *args) -> tuple[int, str, str]:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return (0 if exc.value.code is None else exc.value.code), out, err
 
 
 def _save(model: onnx.ModelProto, path: Path) -> Path:

@@ -10,7 +10,6 @@ accuracy (the issue's budgets: 0.3/0.5 pt) and cosine ≥ 0.995.
 from __future__ import annotations
 
 import collections
-import os
 import tracemalloc
 
 import numpy as np
@@ -20,7 +19,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxshrink
-from conftest import MODELS, rel_l2, run_ort
+from conftest import MODELS, cli_exit, rel_l2, run_ort
 from onnxshrink.calib import Dataset
 from onnxshrink.passes.quant import (
     QuantOptions,
@@ -551,18 +550,10 @@ def test_calibration_memory_does_not_grow_with_samples(monkeypatch):
 # -- CLI and latency gate ----------------------------------------------------------------------------
 
 
-def cli(*args) -> int:
-    from onnxshrink.cli import main
-
-    with pytest.raises(SystemExit) as exc:
-        main([str(a) for a in args])
-    return 0 if exc.value.code is None else exc.value.code
-
-
 def test_cli_labels_max_drop_and_report(tmp_path):
     out = tmp_path / "q.onnx"
     rep = tmp_path / "r.json"
-    code = cli(*["optimize", str(MODELS / "digits_cnn.onnx"), "--passes", "fold,quant(mode=static)", "--data",
+    code = cli_exit(*["optimize", str(MODELS / "digits_cnn.onnx"), "--passes", "fold,quant(mode=static)", "--data",
                  str(CALIB), "--labels", str(MODELS / "digits_calib_labels.npy"), "--max-drop", "0.5",
                  "-o", str(out), "--report", str(rep), "-q"])
     assert code == 0 and out.exists()
@@ -575,14 +566,14 @@ def test_cli_labels_max_drop_and_report(tmp_path):
 
 
 def test_cli_max_drop_without_quant_is_usage_error(tmp_path, capsys):
-    code = cli(*["optimize", str(MODELS / "digits_cnn.onnx"), "--max-drop", "1", "-o", str(tmp_path / "o.onnx")])
+    code = cli_exit(*["optimize", str(MODELS / "digits_cnn.onnx"), "--max-drop", "1", "-o", str(tmp_path / "o.onnx")])
     assert code == 2 and "needs a quant pass" in capsys.readouterr().err
 
 
 def test_cli_bad_labels(tmp_path, capsys):
     bad = tmp_path / "l.npy"
     np.save(bad, np.zeros(3, np.int64))
-    code = cli(*["optimize", str(MODELS / "digits_cnn.onnx"), "--passes", "quant", "--data", str(CALIB),
+    code = cli_exit(*["optimize", str(MODELS / "digits_cnn.onnx"), "--passes", "quant", "--data", str(CALIB),
                  "--labels", str(bad), "-o", str(tmp_path / "o.onnx")])
     assert code == 2 and "labels for" in capsys.readouterr().err
 
@@ -593,10 +584,10 @@ def test_require_faster_fails_when_slower(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(pkg, "measure_latency", lambda *a, batches=(1,), **k: [Latency(1.0, 2.0, b, 5) for b in batches])
     out = tmp_path / "o.onnx"
-    code = cli(*["optimize", str(MODELS / "digits_cnn.onnx"), "--passes", "quant", "-o", str(out),
+    code = cli_exit(*["optimize", str(MODELS / "digits_cnn.onnx"), "--passes", "quant", "-o", str(out),
                  "--require-faster", "-q"])
     assert code == 3 and not out.exists() and "slower" in capsys.readouterr().err
-    code = cli(*["optimize", str(MODELS / "digits_cnn.onnx"), "--passes", "quant", "-o", str(out), "-q"])
+    code = cli_exit(*["optimize", str(MODELS / "digits_cnn.onnx"), "--passes", "quant", "-o", str(out), "-q"])
     assert code == 0 and out.exists()  # without the flag it is a loud note, not a failure
 
 
@@ -642,7 +633,7 @@ def test_tensorrt_residual_add_inputs_share_one_scale():
 @pytest.mark.parametrize("target", ["cpu", "mobile", "tensorrt"])
 def test_optimize_with_matching_deploy_check(target, tmp_path):
     out = tmp_path / f"m_{target}.onnx"
-    code = cli("optimize", MODELS / "digits_mobilenetv2.onnx", "--passes", f"fold,quant(mode=static,target={target})",
+    code = cli_exit("optimize", MODELS / "digits_mobilenetv2.onnx", "--passes", f"fold,quant(mode=static,target={target})",
                "--data", CALIB, "-o", out, "--target", target, "--no-latency", "-q")
     assert code == 0 and out.exists()  # validated in ORT CPU and passes the target's deploy check
 
