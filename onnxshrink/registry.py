@@ -61,6 +61,9 @@ class PassContext:
             ``shapes_current`` when value shapes were just inferred and clears it after a pass that
             modified the model.
         labels: ground-truth labels for the data (``--labels``), one per sample, or None.
+        capture: how a pass runs the model in onnxruntime to see intermediate tensors:
+            ``capture(model, names, with_outputs=False)`` → a context manager with ``run(data, ...)``
+            yielding ``{name: array}`` per batch (:class:`onnxshrink.capture.ActivationCapture`).
         store: a persistent key→arrays store (:class:`onnxshrink.calib.StatsStore`) for statistics
             worth keeping between runs (calibration), or None. Passes never touch files themselves.
     """
@@ -71,6 +74,13 @@ class PassContext:
     cache: dict[str, Any] = dataclasses.field(default_factory=dict)
     labels: Any = None
     store: Any = None
+    capture: Callable[..., Any] = dataclasses.field(default_factory=lambda: _activation_capture())
+
+
+def _activation_capture() -> Callable[..., Any]:
+    from onnxshrink.capture import ActivationCapture
+
+    return ActivationCapture
 
 
 class ShrinkResult(ir.passes.PassResult):

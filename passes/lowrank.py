@@ -548,7 +548,7 @@ class LowrankPass(ShrinkPass):
 
     def _collect_stats(self, model: ir.Model, layers: list[_Layer], data: Any) -> None:
         """Accumulate XᵀX for every distinct (activation, layout) in one streaming pass per capture group."""
-        from onnxshrink.capture import ActivationCapture, plan_groups
+        from onnxshrink.capture import plan_groups
 
         o: LowrankOptions = self.options
         wanted: dict[tuple, list[_Layer]] = {}
@@ -566,7 +566,7 @@ class LowrankPass(ShrinkPass):
         covs: dict[tuple, list[np.ndarray]] = {}
         for group in plan_groups(model, names):
             keys = [k for k in wanted if k[0] in group]
-            with ActivationCapture(model, group) as cap:
+            with self.context.capture(model, group) as cap:
                 for batch in cap.run(data, limit=o.samples, progress=self.context.progress,
                                      label="lowrank: activation statistics"):
                     for key in keys:

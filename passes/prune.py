@@ -307,7 +307,7 @@ class PrunePass(ShrinkPass):
         return scores
 
     def _activation_power(self, model: ir.Model, cg: ChannelGraph, prunable: list[int]) -> dict[str, np.ndarray]:
-        from onnxshrink.capture import ActivationCapture, plan_groups
+        from onnxshrink.capture import plan_groups
 
         pset = set(prunable)
         wanted: dict[str, Layout] = {}
@@ -317,7 +317,7 @@ class PrunePass(ShrinkPass):
         sums: dict[str, np.ndarray] = {}
         counts: dict[str, int] = {}
         for names in plan_groups(model, list(wanted)):
-            with ActivationCapture(model, names) as cap:
+            with self.context.capture(model, names) as cap:
                 for batch in cap.run(self.context.data, limit=self.options.samples,
                                      progress=self.context.progress, label="prune: activation statistics"):
                     for n in names:
@@ -473,13 +473,13 @@ class PrunePass(ShrinkPass):
 
     # ---- reconstruction ----------------------------------------------------------------------------------
     def _open_original(self, model: ir.Model, targets: list[Consumer]) -> list[Any]:
-        from onnxshrink.capture import ActivationCapture, plan_groups
+        from onnxshrink.capture import plan_groups
 
         names = list(dict.fromkeys(t.node.outputs[0].name for t in targets))
         caps = []
         try:
             for group in plan_groups(model, names):
-                caps.append(ActivationCapture(model, group))
+                caps.append(self.context.capture(model, group))
         except Exception:
             for c in caps:
                 c.close()
@@ -488,7 +488,6 @@ class PrunePass(ShrinkPass):
 
     def _reconstruct(self, model: ir.Model, cg: ChannelGraph, keep: dict[int, np.ndarray],
                      targets: list[Consumer], originals: list[Any]) -> dict[str, tuple[float, float]]:
-        from onnxshrink.capture import ActivationCapture
 
         opts: PruneOptions = self.options
         by_name = {}
@@ -546,7 +545,7 @@ class PrunePass(ShrinkPass):
             yy = 0.0
             rows_total = 0
             try:
-                with ActivationCapture(model, [t.value.name]) as pc:
+                with self.context.capture(model, [t.value.name]) as pc:
                     oc = by_name[out_name]
                     for ob, pb in zip(oc.run(self.context.data, limit=opts.samples),
                                       pc.run(self.context.data, limit=opts.samples)):

@@ -516,7 +516,7 @@ class QuantPass(ShrinkPass):
                                  hint="drop max_drop, or use mode=static")
             _infer_shapes(model, self.context)
             try:
-                outs = _run_outputs(model, data, o.samples)
+                outs = _run_outputs(self.context, model, o.samples)
             except (RuntimeError, ValueError) as e:
                 raise UsageError(f"max_drop needs onnxruntime to run the model: {str(e).splitlines()[0][:200]}",
                                  pass_name=self.name, option="max_drop", hint="drop max_drop for this model") from e
@@ -1093,7 +1093,7 @@ class QuantPass(ShrinkPass):
     # static: calibration ----------------------------------------------------------------------------
 
     def _calibrate(self, model: ir.Model, names: list[str], mean_axes: dict[str, int]) -> dict[str, TensorStats]:
-        from onnxshrink.capture import ActivationCapture, plan_groups
+        from onnxshrink.capture import plan_groups
 
         o = self.options
         data = self.context.data
@@ -1118,7 +1118,7 @@ class QuantPass(ShrinkPass):
         for gi, group in enumerate(groups):
             for n in group:
                 stats[n] = TensorStats()
-            with ActivationCapture(model, group) as cap:
+            with self.context.capture(model, group) as cap:
                 for batch in cap.run(data, limit=limit, progress=progress,
                                      label=f"calibrating (min/max, group {gi + 1}/{len(groups)})"):
                     for n in group:
@@ -1452,7 +1452,7 @@ class QuantPass(ShrinkPass):
 
     def _score(self, model: ir.Model, ref: dict[str, Any]) -> float:
         """The drop of ``model`` against the float reference, in the metric's units."""
-        outs = _run_outputs(model, self.context.data, self.options.samples)
+        outs = _run_outputs(self.context, model, self.options.samples)
         return _drop(ref, outs, self.context)
 
 
@@ -1559,12 +1559,11 @@ def _calib_key(model: ir.Model, names: list[str], data: Any, samples: int) -> st
     return h.hexdigest()[:32]
 
 
-def _run_outputs(model: ir.Model, data: Any, samples: int) -> list[np.ndarray]:
-    """The first output of ``model`` for every sample (stacked along axis 0)."""
-    from onnxshrink.capture import ActivationCapture
-
+def _run_outputs(context: Any, model: ir.Model, samples: int) -> list[np.ndarray]:
+    """The first output of ``model`` for every sample of the context's data, one array per batch."""
+    data = context.data
     first = model.graph.outputs[0].name
-    with ActivationCapture(model, [], with_outputs=True) as cap:
+    with context.capture(model, [], with_outputs=True) as cap:
         chunks = [np.asarray(b[first]) for b in cap.run(data, limit=min(samples, data.num_samples))]
     return chunks
 
