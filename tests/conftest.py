@@ -65,3 +65,21 @@ def run_cli(capsys, *args) -> tuple[int, str, str]:
     code = cli_exit(*args)
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def make(nodes, inputs, outputs, inits=(), opset=17) -> onnx.ModelProto:
+    """A checked single-graph model (IR 8) from onnx.helper pieces."""
+    from onnx import helper
+
+    g = helper.make_graph(nodes, "g", inputs, outputs, list(inits))
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    return m
+
+
+def vi(name, shape, dtype=None) -> onnx.ValueInfoProto:
+    """A tensor value info (float32 unless ``dtype``)."""
+    from onnx import TensorProto, helper
+
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT if dtype is None else dtype, shape)

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxshrink
-from conftest import MODELS, rel_l2, run_ort
+from conftest import MODELS, make, rel_l2, run_ort, vi
 from onnxshrink.passes.fold import FoldOptions, FoldPass
 from onnxshrink.pipeline import parse
 
@@ -45,18 +45,6 @@ def file_size(proto: onnx.ModelProto) -> int:
 
 def ops(proto: onnx.ModelProto) -> collections.Counter:
     return collections.Counter(n.op_type for n in proto.graph.node)
-
-
-def make(nodes, inputs, outputs, inits=(), opset=17) -> onnx.ModelProto:
-    g = helper.make_graph(nodes, "g", inputs, outputs, list(inits))
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
-    m.ir_version = 8
-    onnx.checker.check_model(m)
-    return m
-
-
-def vi(name, shape, dtype=TensorProto.FLOAT):
-    return helper.make_tensor_value_info(name, dtype, shape)
 
 
 def arr(name, a):

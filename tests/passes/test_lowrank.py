@@ -15,10 +15,10 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 import onnxshrink
-from conftest import MODELS, rel_l2, run_ort
+from conftest import MODELS, make, rel_l2, run_ort, vi
 from onnxshrink import _as_dataset
 from onnxshrink.errors import SpecError, UsageError
 from onnxshrink.passes.lowrank import LowrankOptions, LowrankPass, _factors, _Layer, _whitener
@@ -27,18 +27,6 @@ from onnxshrink.registry import PassContext, get_pass
 
 TOL = 1e-5
 RNG = np.random.default_rng(0)
-
-
-def make(nodes, inputs, outputs, inits=(), opset=17) -> onnx.ModelProto:
-    g = helper.make_graph(nodes, "g", inputs, outputs, list(inits))
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
-    m.ir_version = 8
-    onnx.checker.check_model(m)
-    return m
-
-
-def vi(name, shape, dtype=TensorProto.FLOAT):
-    return helper.make_tensor_value_info(name, dtype, shape)
 
 
 def arr(name, a):
