@@ -44,8 +44,16 @@ Accuracy keepers
 ----------------
 * Cross-layer equalization (``cle``): for ``Conv₁ → Relu → Conv₂`` (either may be depthwise or grouped),
   with per-channel weight ranges ``r₁ᵢ`` (outputs of Conv₁) and ``r₂ᵢ`` (inputs of Conv₂),
-  ``sᵢ = √(r₁ᵢ / r₂ᵢ)``; ``W₁ᵢ /= sᵢ``, ``b₁ᵢ /= sᵢ``, ``W₂[:, i] *= sᵢ``. Exact because
-  ``relu(x/s) = relu(x)/s`` for ``s > 0``. Clip (ReLU6) is not scale-equivariant: declined.
+  ``sᵢ = √(r₁ᵢ / r₂ᵢ)``; ``W₁ᵢ /= sᵢ``, ``b₁ᵢ /= sᵢ``, ``W₂[:, i] *= sᵢ`` (three sweeps). Exact because
+  ``relu(x/s) = relu(x)/s`` for ``s > 0``. ``Clip(0, M)`` (ReLU6) is not scale-equivariant: channel ``i``
+  would need its own bound ``M/sᵢ``. So the per-channel maxima of the Clip's input are measured on the
+  calibration data first; after equalizing, the Clip gets one bound ``C = maxᵢ min(maxᵢ, M)/sᵢ`` and the
+  channels the Clip cut in calibration are rescaled once more to ``sᵢ = M/C``: the pair is then exact
+  for those channels on any input, and for the others on any input within their calibrated range (where
+  the quantized model clamps anyway). Default ``auto``: on only with per-tensor weights — with
+  per-channel weight scales equalizing buys nothing for the weights and widens the activation ranges
+  (measured on the digits models: output rel-L2 0.018 → 0.025 on MobileNetV2 with it, 0.044 → 0.032
+  per-tensor).
 * Bias correction (``bias_correction``, static): the expected output shift of the weight rounding,
   ``Δb_o = Σ_c E[x_c] · Σ_k (Ŵ − W)[o, c, k]``, is subtracted from the bias (E[x] from calibration).
 * ``max_drop``: the quantized model is scored against the float one on the data (``metric``: top-1
@@ -118,7 +126,8 @@ class QuantOptions:
         "percentile", "activation range estimator (static)")
     percentile: float = option(99.999, "percent of values the percentile range keeps")
     samples: int = option(256, "calibration samples used at most")
-    cle: bool = option(True, "cross-layer equalization of Conv→Relu→Conv chains before quantizing")
+    cle: Literal["auto", True, False] = option(
+        "auto", "cross-layer equalization of Conv→Relu/Clip→Conv chains (auto: with per-tensor weights only)")
     bias_correction: bool = option(True, "correct the output mean shift of weight rounding (static)")
     max_drop: float = option(-1.0, "accuracy budget (see metric); < 0: no fallback to float")
     metric: Literal["auto", "top1", "accuracy", "cosine", "rel_l2"] = option(
@@ -896,7 +905,7 @@ class QuantPass(ShrinkPass):
         o = self.options
         _infer_shapes(model, self.context)
         changed = False
-        if o.cle:
+        if o.cle is True or (o.cle == "auto" and not o.per_channel):
             changed |= self._cle(model)
         plan = self._plan(model)
         if not plan:
@@ -1255,45 +1264,110 @@ class QuantPass(ShrinkPass):
     # static: cross-layer equalization ---------------------------------------------------------------
 
     def _cle(self, model: ir.Model) -> bool:
+        """Cross-layer equalization of Conv→Relu→Conv and Conv→Clip(0, M)→Conv pairs (see module doc)."""
+        pairs: list[tuple[ir.Node, ir.Node, ir.Node]] = []
+        for conv1 in model.graph:
+            if not _is_onnx(conv1, "Conv") or self._excluded(conv1):
+                continue
+            act = _sole_consumer(conv1.outputs[0])
+            if act is None or not _is_onnx(act, "Relu", "Clip") or act.outputs[0].is_graph_output():
+                continue
+            conv2 = _sole_consumer(act.outputs[0])
+            if conv2 is None or not _is_onnx(conv2, "Conv") or self._excluded(conv2):
+                continue
+            if act.op_type == "Clip" and _clip_bound(act) is None:
+                self.decline("CLE: Clip is not Clip(0, M) with constant bounds", act)
+                continue
+            pairs.append((conv1, act, conv2))
+        clips = [(c1, act) for c1, act, _ in pairs if act.op_type == "Clip"]
+        seen: dict[str, np.ndarray] = {}
+        if clips:
+            seen = self._channel_max(model, [c1.outputs[0].name for c1, _ in clips])
+        scale: dict[int, np.ndarray] = {}  # id(Clip) -> cumulative s (Conv₁ output channel i now holds x_i / s_i)
+        usable = []
+        for conv1, act, conv2 in pairs:
+            if act.op_type == "Clip":
+                m = seen.get(conv1.outputs[0].name)
+                w1 = conv1.inputs[1]
+                if m is None or not _is_weight(w1) or m.shape[0] != w1.const_value.shape[0]:
+                    self.decline("CLE: Clip input not observed per channel in calibration", act)
+                    continue
+                scale[id(act)] = np.ones(m.shape[0], np.float64)
+            usable.append((conv1, act, conv2))
         changed = False
         for _round in range(3):
-            pairs = 0
-            for conv1 in list(model.graph):
-                if not _is_onnx(conv1, "Conv") or self._excluded(conv1):
-                    continue
-                act = _sole_consumer(conv1.outputs[0])
-                if act is None:
-                    continue
-                if _is_onnx(act, "Clip"):
-                    if _round == 0:
-                        self.decline("CLE: Clip (ReLU6) is not scale-equivariant", act)
-                    continue
-                if not _is_onnx(act, "Relu"):
-                    continue
-                conv2 = _sole_consumer(act.outputs[0])
-                if conv2 is None or not _is_onnx(conv2, "Conv") or self._excluded(conv2):
-                    continue
-                if self._equalize(model, conv1, conv2):
-                    pairs += 1
-            if pairs:
-                changed = True
-                self.count("cle_pairs", pairs) if _round == 0 else None
-            else:
+            n = 0
+            for conv1, act, conv2 in usable:
+                s = self._equalize(conv1, conv2)
+                if s is not None:
+                    n += 1
+                    if id(act) in scale:
+                        scale[id(act)] *= s
+            if not n:
                 break
+            changed = True
+            if _round == 0:
+                self.count("cle_pairs", n)
+        for conv1, act, conv2 in usable:
+            if id(act) in scale and not np.allclose(scale[id(act)], 1.0):
+                self._rebound_clip(conv1, act, conv2, scale[id(act)], seen[conv1.outputs[0].name])
         return changed
 
-    def _equalize(self, model: ir.Model, conv1: ir.Node, conv2: ir.Node) -> bool:
+    def _channel_max(self, model: ir.Model, names: list[str]) -> dict[str, np.ndarray]:
+        """Per-channel (axis 1) maximum of each tensor over the calibration data, streamed."""
+        from onnxshrink.capture import plan_groups
+
+        data = self.context.data
+        limit = min(self.options.samples, data.num_samples)
+        out: dict[str, np.ndarray] = {}
+        try:
+            for group in plan_groups(model, names):
+                with self.context.capture(model, group) as cap:
+                    for batch in cap.run(data, limit=limit, progress=self.context.progress,
+                                         label="CLE: per-channel ranges"):
+                        for n in group:
+                            x = batch[n]
+                            if x.ndim < 2 or x.dtype.kind != "f":
+                                continue
+                            m = np.moveaxis(x, 1, 0).reshape(x.shape[1], -1).max(axis=1).astype(np.float64)
+                            out[n] = m if n not in out else np.maximum(out[n], m)
+        except (RuntimeError, ValueError):
+            return {}
+        return out
+
+    def _rebound_clip(self, conv1: ir.Node, act: ir.Node, conv2: ir.Node, s: np.ndarray, seen: np.ndarray) -> None:
+        """Give the equalized ``Clip(0, M)`` one new bound ``C`` that keeps the pair exact on the data.
+
+        Channel ``i`` now holds ``x_i / s_i`` and needs the bound ``M / s_i``. Channels the Clip cut in
+        calibration (``max x_i ≥ M``) get ``s_i := M / C`` (rescaled once more, exactly), so ``C`` is their
+        bound; the others stayed below ``M`` and ``C ≥ max x_i / s_i`` never cuts them on such inputs.
+        """
+        bound = _clip_bound(act)
+        assert bound is not None
+        c = float(np.max(np.minimum(seen, bound) / s))
+        if not (c > 0 and math.isfinite(c)):
+            return
+        active = seen >= bound
+        target = np.where(active, bound / c, s)
+        t = (target / s).astype(np.float64)
+        if not np.allclose(t, 1.0):
+            self._scale_pair(conv1, conv2, t)
+        graph = act.graph
+        act.replace_input_with(2, self._new_init(graph, self._short("clip"), np.array(c, np.float32)))
+        self.count("cle_clip_rebounded")
+
+    def _equalize(self, conv1: ir.Node, conv2: ir.Node) -> np.ndarray | None:
         w1v, w2v = conv1.inputs[1], conv2.inputs[1]
         b1v = conv1.inputs[2] if len(conv1.inputs) > 2 else None
         for v in (w1v, w2v, b1v):
             if v is not None and (not _is_weight(v) or len(v.uses()) != 1):
-                return False
+                return None
         w1, w2 = w1v.const_value.numpy(), w2v.const_value.numpy()
         c = w1.shape[0]
         g2 = _attr(conv2, "group", 1)
         cpg2 = w2.shape[1]
         if cpg2 * g2 != c:
-            return False
+            return None
         r1 = np.abs(w1.reshape(c, -1)).max(axis=1)
         opg2 = w2.shape[0] // g2
         # input channel i of conv2 is column (i % cpg2) of the output channels of its group
@@ -1302,12 +1376,22 @@ class QuantPass(ShrinkPass):
             g = i // cpg2
             r2[i] = np.abs(w2[g * opg2:(g + 1) * opg2, i % cpg2]).max()
         ok = (r1 > 0) & (r2 > 0)
-        s = np.ones(c, np.float32)
+        s = np.ones(c, np.float64)
         s[ok] = np.sqrt(r1[ok] / r2[ok])
         if np.allclose(s, 1.0, rtol=1e-3):
-            return False
+            return None
+        self._scale_pair(conv1, conv2, s)
+        return s
+
+    def _scale_pair(self, conv1: ir.Node, conv2: ir.Node, s: np.ndarray) -> None:
+        """Output channel i of Conv₁ (weights, bias) ÷ sᵢ, input channel i of Conv₂ × sᵢ."""
+        w1v, w2v = conv1.inputs[1], conv2.inputs[1]
+        b1v = conv1.inputs[2] if len(conv1.inputs) > 2 else None
+        w1, w2 = w1v.const_value.numpy(), w2v.const_value.numpy()
+        c, cpg2 = w1.shape[0], w2.shape[1]
+        opg2 = w2.shape[0] // (c // cpg2)
         w1n = w1 / s.reshape(-1, *([1] * (w1.ndim - 1)))
-        w2n = w2.copy()
+        w2n = w2.astype(np.float64)
         for i in range(c):
             g = i // cpg2
             w2n[g * opg2:(g + 1) * opg2, i % cpg2] *= s[i]
@@ -1315,7 +1399,6 @@ class QuantPass(ShrinkPass):
         w2v.const_value = ir.tensor(w2n.astype(np.float32), name=w2v.name)
         if b1v is not None:
             b1v.const_value = ir.tensor((b1v.const_value.numpy() / s).astype(np.float32), name=b1v.name)
-        return True
 
     # static: QLinear ops ----------------------------------------------------------------------------
 
@@ -1498,6 +1581,17 @@ def _is_activation(v: ir.Value | None) -> bool:
     if p is not None and _is_onnx(p, "DequantizeLinear", "Constant"):
         return False
     return v.dtype == ir.DataType.FLOAT
+
+
+def _clip_bound(node: ir.Node) -> float | None:
+    """M for a ``Clip(x, 0, M)`` with constant inputs (opset ≥ 11 form), else None."""
+    if "min" in node.attributes or "max" in node.attributes or len(node.inputs) < 3:
+        return None
+    lo, hi = _const_array(node.inputs[1]), _const_array(node.inputs[2])
+    if lo is None or hi is None or lo.size != 1 or hi.size != 1 or float(lo) != 0.0:
+        return None
+    m = float(hi)
+    return m if m > 0 and math.isfinite(m) else None
 
 
 def _sole_consumer(v: ir.Value) -> ir.Node | None:

@@ -406,16 +406,79 @@ def test_cle_is_exact_and_equalizes_ranges():
     assert r1.max() / r1.min() < before.max() / before.min() / 10
 
 
-def test_cle_declines_clip():
-    proto = conv_net()
-    for n in proto.graph.node:
-        if n.op_type == "Relu":
-            n.op_type = "Clip"
-            n.input.extend(["lo", "hi"])
-    proto.graph.initializer.extend([numpy_helper.from_array(np.array(0, np.float32), "lo"),
-                                    numpy_helper.from_array(np.array(6, np.float32), "hi")])
-    _, stats = quant(proto, dataset({"x": conv_data()}), mode="static")
-    assert stats["declines"]["CLE: Clip (ReLU6) is not scale-equivariant"] == 1
+def _with_outputs(proto: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy of ``proto`` that also outputs the (float) tensors ``names``."""
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    out.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names)
+    return out
+
+
+def relu6_net() -> onnx.ModelProto:
+    """MobileNet-style x[n,4,8,8] → 1×1 Conv(16) → Clip(0,6) → depthwise 3×3 → Clip(0,6) → 1×1 Conv(8) → GAP → Gemm.
+
+    Channel ranges span ~100× (as BN folding leaves real MobileNets), which per-tensor weights cannot hold.
+    """
+    rng = np.random.default_rng(3)
+    spread = np.geomspace(0.05, 5.0, 16).astype(np.float32)
+    rng.shuffle(spread)
+    w1 = (rng.normal(size=(16, 4, 1, 1)) * spread.reshape(16, 1, 1, 1)).astype(np.float32)
+    b1 = (rng.normal(size=16) * 0.1).astype(np.float32)
+    dw = (rng.normal(size=(16, 1, 3, 3)) * 0.5 / spread.reshape(16, 1, 1, 1) ** 0.5).astype(np.float32)
+    w3 = (rng.normal(size=(8, 16, 1, 1)) * 0.3).astype(np.float32)
+    fc = (rng.normal(size=(10, 8)) * 0.5).astype(np.float32)
+    arrays = {"w1": w1, "b1": b1, "dw": dw, "db": np.zeros(16, np.float32), "w3": w3, "fc": fc,
+              "lo": np.array(0, np.float32), "hi": np.array(6, np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="expand"),
+             helper.make_node("Clip", ["c1", "lo", "hi"], ["r1"], name="relu6_1"),
+             helper.make_node("Conv", ["r1", "dw", "db"], ["c2"], group=16, pads=[1, 1, 1, 1], name="dw"),
+             helper.make_node("Clip", ["c2", "lo", "hi"], ["r2"], name="relu6_2"),
+             helper.make_node("Conv", ["r2", "w3"], ["c3"], name="project"),
+             helper.make_node("GlobalAveragePool", ["c3"], ["p"]), helper.make_node("Flatten", ["p"], ["f"]),
+             helper.make_node("Gemm", ["f", "fc"], ["y"], transB=1, name="fc")]
+    g = helper.make_graph(nodes, "net", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 10])],
+                          [numpy_helper.from_array(a, n) for n, a in arrays.items()])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_cle_through_clip_is_exact_on_calibration_data():
+    proto, x = relu6_net(), conv_data(128)
+    c1 = run_ort(_with_outputs(proto, ["c1"]), {"x": x})[1]
+    assert (c1 > 6).any(axis=(0, 2, 3)).sum() >= 2 and (c1 <= 6).all(axis=(0, 2, 3)).sum() >= 2  # some channels cut
+    model = ir.from_proto(proto)
+    ctx = PassContext(data=dataset({"x": x}))
+    p = QuantPass(QuantOptions(mode="static", cle=True), ctx)
+    p._taken, p._exclude, p._counter = {"x"}, [], 0
+    from onnxshrink.passes.quant import _infer_shapes
+    _infer_shapes(model, ctx)
+    assert p._cle(model)
+    assert p.counters["cle_clip_rebounded"] == 2 and not p.declines
+    out = ir.to_proto(model)
+    bounds = {n.name: numpy_helper.to_array(next(i for i in out.graph.initializer if i.name == n.input[2]))
+              for n in out.graph.node if n.op_type == "Clip"}
+    assert all(float(b) != 6.0 for b in bounds.values())
+    assert rel_l2(run_ort(proto, {"x": x})[0], run_ort(out, {"x": x})[0]) < 1e-5
+    w1 = numpy_helper.to_array(next(i for i in out.graph.initializer if i.name == "w1"))
+    r = np.abs(w1.reshape(16, -1)).max(axis=1)
+    r0 = np.abs(numpy_helper.to_array(proto.graph.initializer[0]).reshape(16, -1)).max(axis=1)
+    assert r.max() / r.min() < (r0.max() / r0.min()) / 4
+
+
+def test_cle_through_clip_lowers_per_tensor_error():
+    proto, x, held = relu6_net(), conv_data(128), conv_data(200, seed=7)
+    ref = run_ort(proto, {"x": held})[0]
+    errs = {}
+    for cle in (True, False):
+        out, stats = quant(proto, dataset({"x": x}), mode="static", per_channel=False, cle=cle, calib="minmax")
+        errs[cle] = rel_l2(ref, run_ort(out, {"x": held})[0])
+    assert stats["counters"].get("cle_pairs", 0) == 0
+    assert errs[True] < 0.5 * errs[False], errs
+    # auto: per-channel weights need no equalization, so none is done
+    _, stats = quant(proto, dataset({"x": x}), mode="static")
+    assert stats["counters"].get("cle_pairs", 0) == 0
+    _, stats = quant(proto, dataset({"x": x}), mode="static", per_channel=False)
+    assert stats["counters"]["cle_pairs"] == 2
 
 
 def test_bias_correction_removes_output_mean_shift():
