@@ -247,10 +247,14 @@ def optimize(
     steps = parse(passes if passes is not None else DEFAULT_PIPELINE) if not isinstance(passes, list) else passes
     if not steps:
         raise UsageError("no passes to run", hint="give a pass spec such as 'fold'")
+    target_notes: list[str] = []
     if target is not None:
+        from onnxshrink.pipeline import follow_target
         from onnxshrink.targets import check_target_name
 
         check_target_name(target)
+        if isinstance(passes, str):
+            steps, target_notes = follow_target(passes, steps, target)
     input_path = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
     if output is not None:
         check_output_path(output, [input_path] if input_path else [])
@@ -258,7 +262,7 @@ def optimize(
     workdir = tempfile.mkdtemp(prefix="onnxshrink-")
     ok = False
     try:
-        notes: list[str] = []
+        notes: list[str] = list(target_notes)
         specs = input_specs(m)
         if isinstance(tolerance, Tolerances):
             names = {v.name for v in m.graph.outputs}

@@ -142,7 +142,12 @@ def optimize(
         from onnxshrink.targets import check_target_name
 
         check_target_name(target)
-    steps = parse(passes if passes is not None else DEFAULT_PIPELINE)
+    spec = passes if passes is not None else DEFAULT_PIPELINE
+    steps = parse(spec)
+    if target is not None:
+        from onnxshrink.pipeline import follow_target
+
+        steps, _ = follow_target(spec, steps, target)  # the report's pipeline line shows it
     if max_drop is not None:
         steps = _with_max_drop(steps, max_drop)
     out = output or _default_output(model)

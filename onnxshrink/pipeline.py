@@ -197,6 +197,28 @@ def _convert(info: PassInfo, field: dataclasses.Field, raw: str) -> Any:
     return raw
 
 
+def explicit_options(spec: str) -> list[set[str]]:
+    """The option keys each step of ``spec`` spells out (the rest were filled with defaults)."""
+    return [{key for key, _raw, _pos in opts} for _name, _pos, opts in _tokenize_steps(spec)]
+
+
+def follow_target(spec: str, steps: list[Step], target: str) -> tuple[list[Step], list[str]]:
+    """Steps with a ``target`` option that ``spec`` leaves at its default take the deploy target being
+    checked (``--target``); a step that names another target contradicts it and is refused."""
+    out, notes = [], []
+    for step, keys in zip(steps, explicit_options(spec)):
+        current = getattr(step.options, "target", None)
+        if current is not None and current != target:
+            if "target" in keys:
+                raise SpecError(f"{step.name}(target={current}) contradicts --target {target}",
+                                pass_name=step.name, option="target",
+                                hint=f"drop target= from {step.name}, or write {step.name}(target={target})")
+            step = dataclasses.replace(step, options=dataclasses.replace(step.options, target=target))
+            notes.append(f"{step.name} works for target={target} (from --target)")
+        out.append(step)
+    return out, notes
+
+
 def parse(spec: str) -> list[Step]:
     """Parse a pass spec into resolved steps, every default filled in, order rules checked.
 

@@ -328,3 +328,34 @@ def test_api_save_refuses_a_result_that_fails_its_target(tmp_path):
     assert (tmp_path / "o.onnx").exists()
     with pytest.raises(UsageError, match="unknown target"):
         onnxshrink.optimize(src, "fold", target="trt")
+
+
+def test_quant_follows_the_deploy_target(tmp_path, capsys):
+    import onnxshrink
+
+    calib = str(MODELS / "digits_calib.npz")
+    res = onnxshrink.optimize(str(MODELS / "digits_cnn.onnx"), "fold,quant(mode=static)", data=calib,
+                              target="tensorrt", latency=False)
+    assert res.ok and res.target_ok, res.report.target.problems
+    quant = res.report.passes[-1]
+    assert quant.details["target_check"] == "tensorrt: ok"
+    assert "quant works for target=tensorrt (from --target)" in json.dumps(res.report.to_dict())
+    assert "quant(mode=static,format=qdq,target=tensorrt" in res.report.pipeline
+    # symmetric int8 activations: every activation zero point is an int8 0
+    import onnx_ir as ir
+
+    proto = ir.to_proto(res.model)
+    inits = {i.name: nh.to_array(i) for i in proto.graph.initializer}
+    zps = [inits[n.input[2]] for n in proto.graph.node if n.op_type == "QuantizeLinear"]
+    assert zps and all(z.dtype == np.int8 and int(z) == 0 for z in zps)
+    with pytest.raises(UsageError, match=r"quant\(target=cpu\) contradicts --target tensorrt"):
+        onnxshrink.optimize(str(MODELS / "digits_cnn.onnx"), "quant(mode=static,target=cpu)", data=calib,
+                            target="tensorrt")
+    shutil.copyfile(MODELS / "digits_cnn.onnx", tmp_path / "cnn.onnx")
+    code, _, err = _cli(capsys, "optimize", tmp_path / "cnn.onnx", "--passes", "fold,quant(target=mobile)",
+                        "--data", calib, "--target", "tensorrt", "--quiet")
+    assert code == 2 and "contradicts --target tensorrt" in err
+    code, out, err = _cli(capsys, "optimize", tmp_path / "cnn.onnx", "--passes", "fold,quant", "--data", calib,
+                          "--target", "tensorrt", "-o", tmp_path / "o.onnx", "--quiet", "--no-validate")
+    assert code == 0, err
+    assert _problems(tmp_path / "o.onnx") == []
