@@ -6,6 +6,9 @@ Modes
   or a Constant node, in the main graph or an If/Loop/Scan body) becomes ``DequantizeLinear(q, s, 0)``
   with symmetric per-channel int8: ``s_c = max|W_c| / 127``, ``q = clip(round(W / s_c), -127, 127)``,
   along the output-channel axis (Conv: 0, ConvTranspose: 1, Gemm: 0 if ``transB`` else 1, MatMul: 1).
+  LSTM/GRU/RNN ``W`` and ``R`` are quantized the same way, one scale per gate row (axis 1); in
+  ``dynamic``/``static`` they stay float, because onnxruntime runs a DequantizeLinear of a constant at
+  every inference (measured 2× slower on a small LSTM) — those modes are about speed.
   ``bits=4`` quantizes MatMul weights block-wise along K (``block_size`` rows per scale): with
   ``target=cpu`` as onnxruntime's ``com.microsoft::MatMulNBits`` (uint4, implicit zero point 8), else as
   an opset-21 blocked ``DequantizeLinear`` of int4.
@@ -93,7 +96,9 @@ logger = logging.getLogger(__name__)
 
 _ONNX = ("", "ai.onnx")
 _MS = "com.microsoft"
-WEIGHT_OPS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
+WEIGHT_OPS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1, "LSTM": 1, "GRU": 1, "RNN": 1}
+RECURRENT_OPS = ("LSTM", "GRU", "RNN")  # W and R weights: weight-only (DequantizeLinear feeding the float op)
+_FAST_WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")  # static mode: integer kernels exist
 # Ops whose float activation inputs get a Q/DQ pair in static mode (input slots that are activations).
 _STATIC_OPS = {
     "Conv": (0,), "ConvTranspose": (0,), "Gemm": (0,), "MatMul": (0, 1), "Add": (0, 1),
@@ -465,6 +470,8 @@ def _weight_axis(node: ir.Node, slot: int, rank: int) -> int | None:
         return None
     if op == "MatMul" and slot == 1 and rank == 2:
         return 1
+    if op in RECURRENT_OPS and slot in (1, 2) and rank == 3:
+        return 1  # [directions, gates·hidden, input]: one scale per gate row
     return None
 
 
@@ -687,7 +694,7 @@ class QuantPass(ShrinkPass):
             if self._excluded(node):
                 self.decline("excluded by name", node)
                 continue
-            slots = [1] if node.op_type != "MatMul" else [1, 0]
+            slots = [1, 0] if node.op_type == "MatMul" else [1, 2] if node.op_type in RECURRENT_OPS else [1]
             for slot in slots:
                 v = node.inputs[slot] if slot < len(node.inputs) else None
                 if v is None or v.const_value is None or v.is_graph_input():
@@ -711,6 +718,14 @@ class QuantPass(ShrinkPass):
                 self.decline("weight holds NaN/Inf: left float", found[v][0][0])
                 del found[v]
         return found
+
+    def _keep_recurrent_float(self, model: ir.Model) -> None:
+        n = sum(1 for node in _all_nodes(model) if _is_onnx(node, *RECURRENT_OPS))
+        if n:
+            # onnxruntime does not fold a DequantizeLinear of a constant: it would run every inference
+            # (measured 2x slower on a small LSTM); mode=weights, which is about size, quantizes them
+            self.decline("LSTM/GRU/RNN weights kept float in static/dynamic mode (mode=weights quantizes them)")
+            self.count("recurrent_kept_float", n)
 
     def _dq_for_weight(self, weight: ir.Value, uses: list[tuple[ir.Node, int]], bits: int = 8,
                        share_axis: bool = True) -> dict[tuple[ir.Node, int], ir.Value] | None:
@@ -772,10 +787,13 @@ class QuantPass(ShrinkPass):
         else:
             graph.insert_before(first, nodes)
 
-    def _quantize_weights(self, model: ir.Model) -> bool:
+    def _quantize_weights(self, model: ir.Model, static: bool = False) -> bool:
+        """Weight-only int8/int4; ``static``: the fallback of mode=static, which leaves recurrent ops float."""
         o = self.options
         changed = False
-        found = self._weight_slots(model, WEIGHT_OPS)
+        if static:
+            self._keep_recurrent_float(model)
+        found = self._weight_slots(model, _FAST_WEIGHT_OPS if static else WEIGHT_OPS)
         for weight, uses in found.items():
             if o.bits == 4:
                 if all(n.op_type == "MatMul" and s == 1 for n, s in uses) and weight.const_value.numpy().ndim == 2:
@@ -858,6 +876,7 @@ class QuantPass(ShrinkPass):
                         continue
                 self._dynamic_node(node, w)
                 changed = True
+        self._keep_recurrent_float(model)
         skipped_conv = sum(1 for n in _all_nodes(model) if _is_onnx(n, "Conv"))
         if skipped_conv:
             self.decline("Conv kept float in dynamic mode (slower than float on CPU)")
@@ -910,7 +929,7 @@ class QuantPass(ShrinkPass):
         plan = self._plan(model)
         if not plan:
             self.decline("no activation feeds a quantizable op: weights only")
-            return self._quantize_weights(model) or changed
+            return self._quantize_weights(model, static=True) or changed
         groups = self._range_groups(model, plan)
         names = sorted({v.name for g in groups for v in g})
         mean_axes = self._mean_axes(plan)
@@ -920,7 +939,7 @@ class QuantPass(ShrinkPass):
             # onnxruntime cannot run this graph (custom or training ops, old kernels): weights only
             self.decline("calibration impossible (onnxruntime cannot run the model): weights only")
             self.details["calibration"] = f"not possible: {str(e).splitlines()[0][:200]}"
-            return self._quantize_weights(model) or changed
+            return self._quantize_weights(model, static=True) or changed
         ranges: dict[str, tuple[float, float]] = {}
         symmetric = o.target == "tensorrt"
         for g in groups:
@@ -940,7 +959,8 @@ class QuantPass(ShrinkPass):
             for v in g:
                 ranges[v.name] = (min(los), max(his))
         # weights (all graphs; inside If/Loop/Scan bodies weight-only), with bias correction first
-        found = self._weight_slots(model, WEIGHT_OPS)
+        self._keep_recurrent_float(model)
+        found = self._weight_slots(model, _FAST_WEIGHT_OPS)
         if o.bias_correction:
             self._bias_correction(model, found, stats, plan)
         for weight, uses in found.items():
@@ -1543,13 +1563,13 @@ def _applicability(model: ir.Model) -> str:
     n, nbytes = 0, 0
     for node in _all_nodes(model):
         if _is_onnx(node, *WEIGHT_OPS):
-            for v in node.inputs[:2]:
+            for v in node.inputs[:3 if node.op_type in RECURRENT_OPS else 2]:
                 if v is not None and v.const_value is not None and v.const_value.dtype == ir.DataType.FLOAT:
                     n += 1
                     nbytes += v.const_value.nbytes
     if not n:
-        return "no float Conv/Gemm/MatMul weights to quantize"
-    return f"{n} Conv/Gemm/MatMul weight(s), {nbytes:,} B float → about {nbytes // 4:,} B int8"
+        return "no float Conv/Gemm/MatMul/LSTM/GRU/RNN weights to quantize"
+    return f"{n} Conv/Gemm/MatMul/LSTM/GRU/RNN weight(s), {nbytes:,} B float → about {nbytes // 4:,} B int8"
 
 
 _ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Where", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Cast",

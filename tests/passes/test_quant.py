@@ -759,3 +759,35 @@ def test_calibration_runs_through_the_context_capture():
     model = ir.from_proto(conv_net())
     QuantPass(QuantOptions(mode="static"), PassContext(data=dataset({"x": x}), capture=capture))(model)
     assert opened and "x" in opened[0]  # the pass saw onnxruntime only through the pipeline's context
+
+
+def recurrent_net(op: str = "LSTM", opset: int = 17) -> onnx.ModelProto:
+    """x[T=6, n, 16] → bidirectional LSTM/GRU(hidden 32) → Y[T, 2, n, 32] (a CRNN's sequence head)."""
+    rng = np.random.default_rng(5)
+    gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[op]
+    arrays = {"W": (rng.normal(size=(2, gates * 32, 16)) * 0.3).astype(np.float32),
+              "R": (rng.normal(size=(2, gates * 32, 32)) * 0.2).astype(np.float32),
+              "B": (rng.normal(size=(2, 2 * gates * 32)) * 0.1).astype(np.float32)}
+    node = helper.make_node(op, ["x", "W", "R", "B"], ["y"], hidden_size=32, direction="bidirectional", name="rnn")
+    g = helper.make_graph([node], "seq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [6, "n", 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [6, 2, "n", 32])],
+                          [numpy_helper.from_array(a, k) for k, a in arrays.items()])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+
+
+@pytest.mark.parametrize("op,opset,mode", [("LSTM", 17, "weights"), ("LSTM", 17, "dynamic"), ("LSTM", 17, "static"),
+                                           ("GRU", 11, "weights"), ("RNN", 13, "weights")])
+def test_recurrent_weights_weight_only_in_weights_mode(op, opset, mode):
+    proto = recurrent_net(op, opset)
+    x = np.random.default_rng(6).normal(size=(6, 4, 16)).astype(np.float32)
+    feeds = {"x": x.transpose(1, 0, 2)[:, :, None, :]}  # sample i is x[:, i:i+1] (batch is axis 1 here)
+    data = Dataset([lambda: feeds], 4, "t") if mode == "static" else None
+    out, stats = quant(proto, data, mode=mode)
+    if mode != "weights":  # a DequantizeLinear of a constant runs every inference in onnxruntime: slower
+        assert stats["counters"]["recurrent_kept_float"] == 1 and ops(out)["DequantizeLinear"] == 0
+        return
+    w_inputs = {n.input[0] for n in out.graph.node if n.op_type == "DequantizeLinear"}
+    int8 = {i.name for i in out.graph.initializer if i.data_type == TensorProto.INT8}
+    assert len(w_inputs & int8) == 2 and stats["counters"]["weights_quantized"] == 2
+    assert out.ByteSize() < 0.4 * proto.ByteSize()
+    assert rel_l2(run_ort(proto, {"x": x})[0], run_ort(out, {"x": x})[0]) < 0.02
