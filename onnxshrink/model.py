@@ -645,6 +645,27 @@ def _merge_inferred(graph: ir.Graph, graph_proto: onnx.GraphProto) -> bool:
     return changed
 
 
+def name_matcher(pattern: str | None):
+    """A predicate on node names from an ``exclude=`` option (every pass reads it the same way).
+
+    Items are joined by ``|`` (``+`` also separates, for specs typed in a shell). An item with a glob
+    character (``* ? [``) must match the whole name; a plain item matches any name that contains it.
+    ``none`` or an empty pattern matches nothing.
+    """
+    import fnmatch
+    import re
+
+    if not pattern or pattern == "none":
+        return lambda name: False
+    items = [p for p in re.split(r"[+|]", pattern) if p]
+
+    def match(name: str | None) -> bool:
+        name = name or ""
+        return any(fnmatch.fnmatchcase(name, p) if any(c in p for c in "*?[") else p in name for p in items)
+
+    return match
+
+
 def unique_name(base: str, taken: Any) -> str:
     """``base``, or ``base_1``, ``base_2`` … — the first not in ``taken`` (a set, or a graph's
     ``initializers``). A set is updated with the returned name."""

@@ -55,10 +55,8 @@ not both work) and before ``quant``.
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import logging
 import math
-import re
 from typing import Any, Literal
 
 import numpy as np
@@ -66,7 +64,7 @@ import onnx_ir as ir
 from onnx_ir.passes import common as ir_common
 
 from onnxshrink.errors import UsageError
-from onnxshrink.model import unique_name
+from onnxshrink.model import name_matcher, unique_name
 from onnxshrink.passes.channels import ChannelGraph, Consumer, Layout, analyze, kept_count, layout_indices
 from onnxshrink.registry import ShrinkPass, option, register
 
@@ -91,8 +89,8 @@ class PruneOptions:
     max_ratio: float = option(0.8, "at most this fraction of any one group is removed")
     round_to: int = option(1, "kept channel counts are rounded up to a multiple of this (e.g. 8)")
     exclude: str | None = option(
-        None, "node names never pruned as producers: items joined by '+' (or '|' from Python); an item "
-              "matches a node name containing it (globs * ? [] allowed from Python)")
+        None, "node names never pruned as producers: items joined by '|' (or '+'); a glob (* ? []) matches "
+              "the whole name, a plain item any name containing it")
     target_macs: float = option(0.0, "keep at most this fraction of the MACs (0 < f < 1; 0: use ratio)")
     recon: Literal["auto", "lsq", "none"] = option(
         "auto", "least-squares reconstruction of consumer weights (auto: lsq when data is given)")
@@ -116,16 +114,9 @@ class PruneOptions:
 
 
 def exclusion_matcher(pattern: str | None):
-    """A predicate on nodes from the ``exclude`` option (items split on ``+`` or ``|``)."""
-    if not pattern:
-        return lambda node: False
-    items = [p for p in re.split(r"[+|]", pattern) if p]
-
-    def match(node: ir.Node) -> bool:
-        name = node.name or ""
-        return any(fnmatch.fnmatchcase(name, f"*{p}*") for p in items)
-
-    return match
+    """A predicate on nodes from the ``exclude`` option (:func:`onnxshrink.model.name_matcher`)."""
+    match = name_matcher(pattern)
+    return lambda node: match(node.name)
 
 
 @register("prune", PruneOptions, summary="structured channel pruning with least-squares reconstruction",

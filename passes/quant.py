@@ -75,7 +75,6 @@ task accuracy is what ``max_drop`` and the benchmarks measure.
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import hashlib
 import logging
 import math
@@ -86,7 +85,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxshrink.errors import UsageError
-from onnxshrink.model import unique_name
+from onnxshrink.model import name_matcher, unique_name
 from onnxshrink.targets import static_problems
 from onnxshrink.registry import ShrinkPass, option, register
 
@@ -137,7 +136,8 @@ class QuantOptions:
     max_drop: float = option(-1.0, "accuracy budget (see metric); < 0: no fallback to float")
     metric: Literal["auto", "top1", "accuracy", "cosine", "rel_l2"] = option(
         "auto", "max_drop metric: auto = accuracy with labels, else top1 for class scores, else cosine")
-    exclude: str = option("none", "node names kept float: glob patterns joined by '|' (none: no exclusion)")
+    exclude: str = option("none", "node names kept float: items joined by '|' (or '+'); a glob (* ? []) "
+                                  "matches the whole name, a plain item any name containing it")
     matmul_act: bool = option(True, "quantize MatMuls whose both inputs are activations (attention)")
 
     def __post_init__(self) -> None:
@@ -537,7 +537,7 @@ class QuantPass(ShrinkPass):
                 raise UsageError(f"max_drop needs onnxruntime to run the model: {str(e).splitlines()[0][:200]}",
                                  pass_name=self.name, option="max_drop", hint="drop max_drop for this model") from e
             self._reference = _reference(outs, o.metric, self.context)
-        self._exclude = [p for p in o.exclude.split("|") if p and o.exclude != "none"]
+        self._exclude = name_matcher(o.exclude)
         self._taken: set[str] = {v.name for g in model.graphs() for n in g for v in n.outputs if v.name}
         self._taken |= {n for g in model.graphs() for n in g.initializers}
         opset = _opset(model)
@@ -570,7 +570,7 @@ class QuantPass(ShrinkPass):
     # -- shared -----------------------------------------------------------------------------------
 
     def _excluded(self, node: ir.Node) -> bool:
-        return any(fnmatch.fnmatchcase(node.name or "", p) for p in self._exclude)
+        return self._exclude(node.name)
 
     def _lift_constants(self, model: ir.Model) -> bool:
         """Constant nodes feeding weight slots become initializers (Paddle/TF exports store weights so)."""

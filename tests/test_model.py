@@ -470,3 +470,14 @@ def test_model_stats_walks_subgraphs():
     }
     assert s.nodes == 52
     assert s.opset == 11
+
+
+def test_name_matcher_is_one_rule_for_every_exclude_option():
+    from onnxshrink.model import name_matcher
+
+    m = name_matcher("/blocks/*|fc")
+    assert m("/blocks/blocks.0/Conv") and m("/fc/Gemm") and m("fc")
+    assert not m("/stem/Conv") and not m("x/blocks/y") and not m(None)
+    m = name_matcher("stem+conv[12]")
+    assert m("/stem/stem.0/Conv") and m("conv1") and not m("conv3") and not m("conv12")
+    assert not name_matcher("none")("none") and not name_matcher(None)("a") and not name_matcher("")("a")

@@ -325,7 +325,9 @@ def test_exclude_by_name():
     out, stats, _ = prune(proto, ratio=0.5, recon="none", exclude=first)
     assert stats["declines"]["group not pruned: excluded by option"] == 1
     assert conv_weight_shapes(out) == [(8, 3, 3, 3), (8, 8, 3, 3)]
-    assert exclusion_matcher("stem+layer*")(ir.Node("", "Conv", [], name="/layer3/Conv"))
+    assert exclusion_matcher("stem+/layer*")(ir.Node("", "Conv", [], name="/layer3/Conv"))
+    assert not exclusion_matcher("layer*")(ir.Node("", "Conv", [], name="/layer3/Conv"))  # a glob is whole-name
+    assert exclusion_matcher("layer")(ir.Node("", "Conv", [], name="/layer3/Conv"))
     assert not exclusion_matcher("stem")(ir.Node("", "Conv", [], name="/layer3/Conv"))
 
 

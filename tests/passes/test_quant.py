@@ -21,6 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 import onnxshrink
 from conftest import MODELS, cli_exit, rel_l2, run_ort
 from onnxshrink.calib import Dataset
+from onnxshrink.model import name_matcher
 from onnxshrink.passes.quant import (
     QuantOptions,
     QuantPass,
@@ -395,7 +396,7 @@ def test_cle_is_exact_and_equalizes_ranges():
     x = conv_data()
     model = ir.from_proto(proto)
     p = QuantPass(QuantOptions(mode="static"), PassContext(data=dataset({"x": x})))
-    p._taken, p._exclude = set(), []
+    p._taken, p._exclude = set(), name_matcher("none")
     assert p._cle(model)
     out = ir.to_proto(model)
     assert rel_l2(run_ort(proto, {"x": x})[0], run_ort(out, {"x": x})[0]) < 1e-5
@@ -449,7 +450,7 @@ def test_cle_through_clip_is_exact_on_calibration_data():
     model = ir.from_proto(proto)
     ctx = PassContext(data=dataset({"x": x}))
     p = QuantPass(QuantOptions(mode="static", cle=True), ctx)
-    p._taken, p._exclude, p._counter = {"x"}, [], 0
+    p._taken, p._exclude, p._counter = {"x"}, name_matcher("none"), 0
     from onnxshrink.passes.quant import _infer_shapes
     _infer_shapes(model, ctx)
     assert p._cle(model)
