@@ -844,3 +844,22 @@ def test_classifier_heads_are_not_detection_heads():
     assert list(_output_heads(model.graph, decode_only=False)) == ["fc"]
     _, stats = quant(conv_net(), dataset({"x": conv_data()}), mode="static", heads="float")
     assert stats["declines"]["output head kept float (heads=float)"] == 1
+
+
+def test_silu_is_quantized_through_so_the_conv_before_it_is_int8():
+    proto = conv_net()
+    for n in list(proto.graph.node):
+        if n.op_type == "Relu":  # c1 → Sigmoid → Mul(c1, σ) → conv2, as SiLU exports
+            i = list(proto.graph.node).index(n)
+            proto.graph.node.remove(n)
+            proto.graph.node.insert(i, helper.make_node("Mul", ["c1", "sig"], ["r1"], name="silu_mul"))
+            proto.graph.node.insert(i, helper.make_node("Sigmoid", ["c1"], ["sig"], name="silu_sig"))
+    x = conv_data()
+    out, _ = quant(proto, dataset({"x": x}), mode="static")
+    q_inputs = {n.input[0] for n in out.graph.node if n.op_type == "QuantizeLinear"}
+    assert {"c1", "sig", "r1"} <= q_inputs  # Conv output, σ and the product: QLinearConv/Sigmoid/Mul
+    assert rel_l2(run_ort(proto, {"x": x})[0], run_ort(out, {"x": x})[0]) < 0.05
+    # a Mul that is not SiLU stays float
+    for n in out.graph.node:
+        if n.op_type == "Mul":
+            assert n.name == "silu_mul"
