@@ -14,7 +14,9 @@ Pipeline of :func:`evaluate`:
    AP = all-point interpolated area under precision/recall (precision made monotone from the right,
    summed over the recall steps, as PASCAL VOC 2010+ and COCO's continuous form);
 4. mAP = mean over the classes that have ground truth; ``map50`` at IoU 0.5, ``map50_95`` the mean over
-   IoU 0.50, 0.55, ..., 0.95; ``mean_iou`` = mean IoU of the true positives at 0.5.
+   IoU 0.50, 0.55, ..., 0.95; ``mean_iou`` = mean IoU of the true positives at 0.5;
+5. precision, recall and F1 at an operating point (confidence >= ``deploy_conf``, IoU 0.5), where the
+   exact values of the scores matter, not only their order.
 
 Torch-free: tests and benchmarks import it (``sys.path`` holds ``benchmarks/``).
 """
@@ -128,12 +130,14 @@ def _match(dets: list[dict[str, np.ndarray]], gt_boxes, gt_classes, gt_count, cl
 
 
 def evaluate(pred: np.ndarray, gt: dict[str, np.ndarray], *, num_classes: int | None = None,
-             conf_thres: float = 0.001, nms_iou: float = 0.5) -> dict:
+             conf_thres: float = 0.001, nms_iou: float = 0.5, deploy_conf: float = 0.25) -> dict:
     """Detection quality of ``pred`` [N, cells, 5 + C] against padded ground truth (see module doc).
 
     Returns ``map50``, ``map50_95``, ``mean_iou`` (true positives at 0.5), ``ap50`` per class (NaN for a
-    class without ground truth), ``precision50``/``recall50`` over all classes at the end of the ranked
-    list, ``detections`` (kept after NMS) and ``gt`` (number of objects).
+    class without ground truth), ``recall50`` (recall at IoU 0.5 at the end of the ranked list),
+    ``precision``/``recall``/``f1`` at the operating point ``confidence >= deploy_conf`` (YOLOv5's
+    default inference threshold 0.25; IoU 0.5, same matching), ``detections`` (kept after NMS) and ``gt``
+    (number of objects).
     """
     pred = np.asarray(pred)
     num_classes = pred.shape[-1] - 5 if num_classes is None else num_classes
@@ -160,13 +164,21 @@ def evaluate(pred: np.ndarray, gt: dict[str, np.ndarray], *, num_classes: int | 
             ap50 = aps
     n_det = sum(len(d["scores"]) for d in dets)
     n_gt = int(sum(gt_per_class))
+    # operating point: the detections at or above deploy_conf, matched the same way
+    kept = [{k: v[d["scores"] >= deploy_conf] for k, v in d.items()} for d in dets]
+    tp_op = sum(int(_match(kept, boxes, classes, count, c, 0.5)[0].sum()) for c in range(num_classes))
+    n_op = sum(len(d["scores"]) for d in kept)
+    precision = tp_op / n_op if n_op else 0.0
+    recall = tp_op / n_gt if n_gt else 0.0
     return {
         "map50": per_thr[0.5],
         "map50_95": float(np.mean(list(per_thr.values()))),
         "mean_iou": float(np.mean(matched_ious)) if matched_ious else 0.0,
         "ap50": [float(a) for a in ap50],
-        "precision50": tp_total / n_det if n_det else 0.0,
         "recall50": tp_total / n_gt if n_gt else 0.0,
+        "precision": precision,
+        "recall": recall,
+        "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
         "detections": n_det,
         "gt": n_gt,
     }
