@@ -807,11 +807,14 @@ def detector_readme(proto: onnx.ModelProto, path: Path, metrics: dict, files: li
         "",
         "### Data: digit scenes",
         "",
-        f"{DET_CANVAS}x{DET_CANVAS} grayscale canvases with 1-{DET_MAX_OBJECTS} digits each: a 16x16 digit image from the",
+        f"{DET_CANVAS}x{DET_CANVAS} grayscale canvases with 1-{DET_MAX_OBJECTS} digits each: "
+        "a 16x16 digit image from the",
         f"split above, resized (bilinear, numpy) to a random square of {DET_SIZES[0]}-{DET_SIZES[1]} pixels, contrast",
         "x U(0.7, 1), pasted at a random position where its square overlaps no other digit's square; then",
-        f"Gaussian noise (std {DET_NOISE}), clipped to [0, 1] and rounded to 8-bit levels k/255. A box is the tight box",
-        f"of the digit's ink (resized pixels > {DET_INK}). Training scenes ({DET_N_TRAIN} fresh ones per epoch) use only",
+        f"Gaussian noise (std {DET_NOISE}), clipped to [0, 1] and rounded to 8-bit levels k/255. "
+        "A box is the tight box",
+        f"of the digit's ink (resized pixels > {DET_INK}). "
+        f"Training scenes ({DET_N_TRAIN} fresh ones per epoch) use only",
         "the train split's digits, calib scenes only the calib split's, test scenes only the test split's, so",
         "no digit image of the held-out scenes was seen in training.",
         "",
@@ -856,7 +859,8 @@ def detector_readme(proto: onnx.ModelProto, path: Path, metrics: dict, files: li
         "  horizontal and vertical neighbours (YOLOv5's rule); loss 2·(1 − GIoU) + 5·BCE(obj, target IoU) +",
         "  class BCE. Seeded, one thread, deterministic algorithms.",
         "",
-        f"Held-out quality (fp32, onnxruntime CPU, {DET_N_TEST} test scenes, {objects['test']} objects; confidence = obj ·",
+        f"Held-out quality (fp32, onnxruntime CPU, {DET_N_TEST} test scenes, {objects['test']} objects; "
+        "confidence = obj ·",
         "max class probability >= 0.001, class-wise NMS at IoU 0.5, all-point AP over the 10 classes):",
         "",
         "| mAP@0.5 | mAP@0.5:0.95 | mean IoU of TPs | recall@0.5 (all) | P / R / F1 at conf >= 0.25 |",

@@ -89,7 +89,6 @@ def test_fp32_detector_quality(scenes, fp32_pred):
     assert r["map50"] >= FP32_MAP50 - 0.01, r
     assert r["map50_95"] >= FP32_MAP50_95 - 0.01, r
     assert r["mean_iou"] >= FP32_MEAN_IOU - 0.01, r
-    assert abs(r["map50"] - FP32_MAP50) < 1e-3  # onnxruntime CPU is deterministic here
 
 
 # ------------------------------------------------------------------------- evaluator on hand-made boxes
