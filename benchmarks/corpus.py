@@ -4,7 +4,7 @@
   (the installed wheel no longer ships them as files) with their inputs;
 * ``pytorch-converted``, ``pytorch-operator``, ``simple``, ``light`` (real architectures with stand-in
   weights): the model files under ``onnx/backend/test/data`` with their ``test_data_set_0`` inputs;
-* ``models``: the project's fixtures with their digits data.
+* ``models``: the project's fixtures with their digits data (the detector with its digit scenes).
 
 Nothing is downloaded: the ``real`` directory of the wheel only holds download links and is skipped.
 """
@@ -107,11 +107,12 @@ def _project_models() -> Iterator[CorpusModel]:
         inputs = None
         data_file = None
         shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim] if names else []
-        for candidate in ("digits_seq_test.npz", "digits_test.npz"):
+        for candidate in ("digits_seq_test.npz", "digits_test.npz", "detect_test.npz"):
             if (models / candidate).exists():
                 with np.load(models / candidate) as z:
                     arr = z["input"]
-                if arr.ndim == len(shape):
+                # same rank, and every static non-batch dimension equal (0 = dynamic)
+                if arr.ndim == len(shape) and all(d in (0, a) for d, a in zip(shape[1:], arr.shape[1:])):
                     data_file = arr
                     break
         if data_file is not None and len(names) == 1:

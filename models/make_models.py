@@ -3,7 +3,9 @@
 Run from the repository root:
 
     pip install torch==2.13.0
-    python models/make_models.py
+    python models/make_models.py                        # everything
+    python models/make_models.py --only detector        # only the detector and its scenes
+    python models/make_models.py --only classifiers     # everything but the detector
 
 torch is needed by this script only, never by the onnxshrink package or its tests.
 
@@ -20,7 +22,11 @@ What it writes into ``models/``:
 * ``cnn_opset11_const_if.onnx``: digits_cnn rebuilt with onnx.helper as an "old messy export" (opset 11,
   every weight a Constant node, a Shape-based Reshape instead of Flatten, and an If whose condition depends
   only on the static channel dimension of the input);
-* ``README.md``: sizes, op counts and onnxruntime test accuracy of every model.
+* ``digits_detector.onnx``: a YOLOv5-like detector (opset 13, input ``input`` [batch,1,64,64], output
+  ``detections`` [batch,80,15] = per cell cx, cy, w, h in pixels, objectness and 10 class probabilities,
+  decoded in the graph), trained on 64x64 scenes of 1-3 digits; its scenes ``detect_{calib,test}.npz``
+  (array ``input``) with ground truth in ``detect_{calib,test}_gt.npz``;
+* ``README.md``: sizes, op counts and onnxruntime test accuracy (detector: mAP) of every model.
 
 Every model is checked before the README is written: onnx.checker (full_check), onnxruntime against torch
 (max abs difference <= 1e-4) at batch 1 and 400, BatchNormalization nodes present and in inference form, and
@@ -33,8 +39,10 @@ from __future__ import annotations
 import collections
 import hashlib
 import io
+import argparse
 import math
 import sys
+import time
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -87,14 +95,17 @@ def load_splits() -> dict[str, Split]:
     return {name: Split(x[idx], y[idx]) for name, idx in parts.items()}
 
 
-def write_npz(path: Path, **arrays: np.ndarray) -> None:
-    """Like np.savez, but with fixed zip timestamps so the bytes do not depend on the time of the run."""
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as zf:
+def write_npz(path: Path, compress: bool = False, **arrays: np.ndarray) -> None:
+    """Like np.savez (np.savez_compressed with ``compress``), but with fixed zip timestamps so the bytes do
+    not depend on the time of the run."""
+    method = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
+    with zipfile.ZipFile(path, "w", compression=method) as zf:
         for name, array in arrays.items():
             buf = io.BytesIO()
             np.lib.format.write_array(buf, np.ascontiguousarray(array), allow_pickle=False)
             info = zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
             info.external_attr = 0o644 << 16
+            info.compress_type = method
             zf.writestr(info, buf.getvalue())
 
 
@@ -492,6 +503,409 @@ def build_opset11_cnn(cnn: DigitsCNN, path: Path, else_scale: float = 2.0) -> No
     onnx.save(model, str(path))
 
 
+# ------------------------------------------------------------------------ the YOLO-style digits detector
+#
+# Scenes: 1-3 digits (the 16x16 images above, bilinearly resized to a random square of DET_SIZES pixels,
+# random contrast) at random non-overlapping positions on a 64x64 canvas, light Gaussian noise, stored as
+# 8-bit levels k/255. A GT box is the tight box of the digit's ink (resized pixels > DET_INK).
+# Training scenes use digits of the train split only, calib scenes the calib split, test scenes the test
+# split: no digit image is shared between training and the held-out scenes.
+
+DET_CANVAS = 64
+DET_MAX_OBJECTS = 3
+DET_SIZES = (12, 28)  # side of the square a digit is resized to, pixels (both inclusive)
+DET_STRIDES = (8, 16)
+DET_ANCHORS = ((11.0, 16.0), (17.0, 24.0))  # one (w, h) anchor per scale, pixels
+DET_CLASSES = 10
+DET_NO = 5 + DET_CLASSES  # cx, cy, w, h, obj, 10 class probabilities
+DET_NOISE = 0.04
+DET_INK = 0.25
+DET_N_TEST, DET_N_CALIB, DET_N_TRAIN = 300, 128, 4000  # training scenes are redrawn every epoch
+DET_EPOCHS, DET_LR = 16, 3e-3
+DET_OPSET = 13
+DET_MAX_BYTES = 300_000
+
+
+@dataclass
+class Scenes:
+    """Canvases [N,1,64,64] float32 in [0, 1] and padded ground truth: boxes [N,3,4] float32 (x1, y1, x2, y2
+    in pixels), classes [N,3] int64 (-1 = padding), count [N] int64 (objects in image i = first count[i] rows)."""
+
+    x: np.ndarray
+    boxes: np.ndarray
+    classes: np.ndarray
+    count: np.ndarray
+
+
+def resize_bilinear(img: np.ndarray, size: int) -> np.ndarray:
+    """Bilinear resize of a 2-D image to size x size (half-pixel centres, edges clamped), in numpy."""
+
+    def axis(n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        pos = np.clip((np.arange(size) + 0.5) * n_in / size - 0.5, 0, n_in - 1)
+        i0 = np.floor(pos).astype(np.int64)
+        return i0, np.minimum(i0 + 1, n_in - 1), (pos - i0).astype(np.float32)
+
+    y0, y1, fy = axis(img.shape[0])
+    x0, x1, fx = axis(img.shape[1])
+    rows = img[y0] * (1 - fy[:, None]) + img[y1] * fy[:, None]
+    return (rows[:, x0] * (1 - fx) + rows[:, x1] * fx).astype(np.float32)
+
+
+def render_scenes(split: Split, n: int, rng: np.random.Generator) -> Scenes:
+    """n scenes of 1..DET_MAX_OBJECTS non-overlapping digits drawn from ``split`` (rejection-sampled
+    positions; a digit that finds no free place in 50 tries is left out, so a scene may hold fewer)."""
+    x = np.zeros((n, 1, DET_CANVAS, DET_CANVAS), np.float32)
+    boxes = np.zeros((n, DET_MAX_OBJECTS, 4), np.float32)
+    classes = np.full((n, DET_MAX_OBJECTS), -1, np.int64)
+    count = np.zeros(n, np.int64)
+    for i in range(n):
+        canvas = np.zeros((DET_CANVAS, DET_CANVAS), np.float32)
+        placed: list[tuple[int, int, int]] = []
+        for _ in range(int(rng.integers(1, DET_MAX_OBJECTS + 1))):
+            k = int(rng.integers(len(split.y)))
+            s = int(rng.integers(DET_SIZES[0], DET_SIZES[1] + 1))
+            for _try in range(50):
+                px, py = (int(v) for v in rng.integers(0, DET_CANVAS - s + 1, size=2))
+                if all(px >= qx + qs or qx >= px + s or py >= qy + qs or qy >= py + s for qx, qy, qs in placed):
+                    break
+            else:
+                continue
+            patch = resize_bilinear(split.x[k, 0], s) * np.float32(rng.uniform(0.7, 1.0))
+            ink = patch > DET_INK
+            rows, cols = np.nonzero(ink.any(1))[0], np.nonzero(ink.any(0))[0]
+            placed.append((px, py, s))
+            canvas[py : py + s, px : px + s] = np.maximum(canvas[py : py + s, px : px + s], patch)
+            j = count[i]
+            boxes[i, j] = (px + cols[0], py + rows[0], px + cols[-1] + 1, py + rows[-1] + 1)
+            classes[i, j] = split.y[k]
+            count[i] += 1
+        canvas += rng.normal(0, DET_NOISE, canvas.shape).astype(np.float32)
+        x[i, 0] = np.round(np.clip(canvas, 0, 1) * 255) / np.float32(255)  # an 8-bit image
+    return Scenes(x.astype(np.float32), boxes, classes, count)
+
+
+def det_grids() -> list[tuple[int, int]]:
+    """(rows, cols) of the cell grid of each scale."""
+    return [(DET_CANVAS // s, DET_CANVAS // s) for s in DET_STRIDES]
+
+
+def build_targets(sc: Scenes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-cell training targets over the cells of both scales in output order (scale, row, column).
+
+    Each object goes to the scale whose anchor fits its (w, h) best (smallest max(r, 1/r)), to the cell
+    holding its centre and, as YOLOv5 does, to the nearer horizontal and vertical neighbour cells (the
+    decode reaches -0.5..1.5 cells from a cell's corner). Returns mask [N,cells], box [N,cells,4]
+    (cx, cy, w, h pixels) and class [N,cells]."""
+    grids = det_grids()
+    offsets = np.cumsum([0] + [ny * nx for ny, nx in grids])
+    n = len(sc.count)
+    tmask = np.zeros((n, offsets[-1]), bool)
+    tbox = np.zeros((n, offsets[-1], 4), np.float32)
+    tcls = np.zeros((n, offsets[-1]), np.int64)
+    anchors = np.array(DET_ANCHORS, np.float32)
+    for i in range(n):
+        for j in range(int(sc.count[i])):
+            x1, y1, x2, y2 = sc.boxes[i, j]
+            cx, cy, w, h = (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1
+            r = np.array([w, h], np.float32) / anchors
+            level = int(np.argmin(np.maximum(r, 1 / r).max(1)))
+            ny, nx = grids[level]
+            gx, gy = cx / DET_STRIDES[level], cy / DET_STRIDES[level]
+            gi, gj = int(gx), int(gy)
+            cells = [(gi, gj)]
+            di, dj = (-1 if gx - gi < 0.5 else 1), (-1 if gy - gj < 0.5 else 1)
+            if 0 <= gi + di < nx:
+                cells.append((gi + di, gj))
+            if 0 <= gj + dj < ny:
+                cells.append((gi, gj + dj))
+            for ci, cj in cells:
+                c = offsets[level] + cj * nx + ci
+                tmask[i, c] = True
+                tbox[i, c] = (cx, cy, w, h)
+                tcls[i, c] = sc.classes[i, j]
+    return tmask, tbox, tcls
+
+
+def conv_bn_silu(cin: int, cout: int, k: int = 3, stride: int = 1) -> nn.Sequential:
+    """YOLOv5's Conv: Conv (no bias) + BatchNorm + SiLU (exported as Sigmoid and Mul)."""
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout), nn.SiLU())
+
+
+class DigitsDetector(nn.Module):
+    """YOLOv5-like detector for 64x64 scenes: Conv-BN-SiLU backbone to stride 8 (C3, 32 ch) and 16 (C4, 40 ch),
+    a one-step FPN neck (1x1 Conv of C4, nearest Upsample x2, Concat with C3, 3x3 Conv -> P3), 1x1 head Convs
+    with 15 outputs per cell (one anchor) on P3 and C4, and YOLOv5's decode in the graph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(
+            conv_bn_silu(1, 8), conv_bn_silu(8, 16, stride=2),  # 64 -> 32
+            conv_bn_silu(16, 24, stride=2), conv_bn_silu(24, 24),  # 32 -> 16
+            conv_bn_silu(24, 32, stride=2), conv_bn_silu(32, 32),  # 16 -> 8: C3
+        )  # fmt: skip
+        self.down = nn.Sequential(conv_bn_silu(32, 40, stride=2), conv_bn_silu(40, 40))  # 8 -> 4: C4
+        self.lateral = conv_bn_silu(40, 16, k=1)
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+        self.fuse = conv_bn_silu(16 + 32, 32)
+        self.heads = nn.ModuleList([nn.Conv2d(32, DET_NO, 1), nn.Conv2d(40, DET_NO, 1)])
+        for i, (ny, nx) in enumerate(det_grids()):
+            yv, xv = torch.meshgrid(torch.arange(ny, dtype=torch.float32), torch.arange(nx, dtype=torch.float32),
+                                    indexing="ij")
+            # YOLOv5 bakes the -0.5 of its xy decode into the grid buffer
+            self.register_buffer(f"grid{i}", (torch.stack((xv, yv), 2) - 0.5).view(1, 1, ny, nx, 2))
+            self.register_buffer(f"anchor_grid{i}", torch.tensor(DET_ANCHORS[i]).view(1, 1, 1, 1, 2))
+        with torch.no_grad():  # YOLOv5's head bias priors: objectness ~ 0.01, classes ~ 0.1
+            for head in self.heads:
+                head.bias[4] = math.log(0.01 / 0.99)
+                head.bias[5:] = math.log(0.1 / 0.9)
+
+    def raw(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Head logits per scale, [N, 1, ny, nx, 15] (YOLOv5's view + permute)."""
+        c3 = self.backbone(x)
+        c4 = self.down(c3)
+        p3 = self.fuse(torch.cat([self.up(self.lateral(c4)), c3], 1))
+        return [
+            head(f).view(-1, 1, DET_NO, ny, nx).permute(0, 1, 3, 4, 2)
+            for head, f, (ny, nx) in zip(self.heads, (p3, c4), det_grids())
+        ]
+
+    def decode(self, p: torch.Tensor, i: int) -> torch.Tensor:
+        """YOLOv5's decode: sigmoid; xy = (2s + grid - 0.5) * stride; wh = (2s)^2 * anchor; [N, cells, 15]."""
+        ny, nx = det_grids()[i]
+        xy, wh, conf = p.sigmoid().split((2, 2, DET_NO - 4), 4)
+        xy = (xy * 2 + getattr(self, f"grid{i}")) * DET_STRIDES[i]
+        wh = (wh * 2) ** 2 * getattr(self, f"anchor_grid{i}")
+        return torch.cat((xy, wh, conf), 4).view(-1, ny * nx, DET_NO)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.decode(p, i) for i, p in enumerate(self.raw(x))], 1)
+
+
+def giou(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(GIoU, IoU) of cx, cy, w, h boxes [..., 4]."""
+    a1, a2 = a[..., :2] - a[..., 2:] / 2, a[..., :2] + a[..., 2:] / 2
+    b1, b2 = b[..., :2] - b[..., 2:] / 2, b[..., :2] + b[..., 2:] / 2
+    inter = (torch.min(a2, b2) - torch.max(a1, b1)).clamp(min=0).prod(-1)
+    union = a[..., 2:].prod(-1) + b[..., 2:].prod(-1) - inter + 1e-7
+    hull = (torch.max(a2, b2) - torch.min(a1, b1)).prod(-1) + 1e-7
+    iou = inter / union
+    return iou - (hull - union) / hull, iou
+
+
+def detector_loss(model: DigitsDetector, x: torch.Tensor, tmask: torch.Tensor, tbox: torch.Tensor,
+                  tcls: torch.Tensor) -> torch.Tensor:
+    """YOLOv5-style loss: 2 * (1 - GIoU) on assigned cells + 5 * objectness BCE over all cells (target: the
+    detached IoU on assigned cells, 0 elsewhere) + class BCE summed over the 10 classes of assigned cells."""
+    raws = model.raw(x)
+    logits = torch.cat([p.reshape(len(x), -1, DET_NO) for p in raws], 1)
+    boxes = torch.cat([model.decode(p, i) for i, p in enumerate(raws)], 1)[..., :4]
+    g, iou = giou(boxes[tmask], tbox[tmask])
+    tobj = torch.zeros_like(logits[..., 4])
+    tobj[tmask] = iou.detach().clamp(0)
+    lobj = nn.functional.binary_cross_entropy_with_logits(logits[..., 4], tobj)
+    onehot = nn.functional.one_hot(tcls[tmask], DET_CLASSES).float()
+    lcls = nn.functional.binary_cross_entropy_with_logits(logits[..., 5:][tmask], onehot, reduction="sum")
+    return 2.0 * (1 - g).mean() + 5.0 * lobj + lcls / max(1, int(tmask.sum()))
+
+
+def train_detector(train_split: Split) -> DigitsDetector:
+    """Adam, one-cycle schedule, batch 64, DET_EPOCHS epochs of DET_N_TRAIN fresh scenes each (seeded)."""
+    torch.manual_seed(SEED)
+    gen = torch.Generator().manual_seed(SEED)
+    rng = np.random.default_rng([SEED, 1])
+    model = DigitsDetector()
+    opt = torch.optim.Adam(model.parameters(), lr=DET_LR)
+    steps_per_epoch = math.ceil(DET_N_TRAIN / 64)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=DET_LR, total_steps=DET_EPOCHS * steps_per_epoch)
+    for epoch in range(DET_EPOCHS):
+        scenes = render_scenes(train_split, DET_N_TRAIN, rng)
+        x = torch.from_numpy(scenes.x)
+        tmask, tbox, tcls = (torch.from_numpy(a) for a in build_targets(scenes))
+        model.train()
+        perm = torch.randperm(DET_N_TRAIN, generator=gen)
+        total = 0.0
+        for i in range(0, DET_N_TRAIN, 64):
+            idx = perm[i : i + 64]
+            loss = detector_loss(model, x[idx], tmask[idx], tbox[idx], tcls[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item()
+        print(f"detector epoch {epoch + 1}/{DET_EPOCHS}: loss {total / steps_per_epoch:.4f}", flush=True)
+    return model.eval()
+
+
+def export_detector(model: DigitsDetector, example: torch.Tensor, path: Path) -> None:
+    """Legacy exporter as for the CNNs (BN unfused, weights as initializers, dynamic batch), opset 13,
+    output ``detections`` [batch, 80, 15]."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            dynamo=False,
+            opset_version=DET_OPSET,
+            training=torch.onnx.TrainingMode.PRESERVE,
+            do_constant_folding=False,
+            input_names=["input"],
+            output_names=["detections"],
+            dynamic_axes={"input": {0: "batch"}, "detections": {0: "batch"}},
+        )
+
+
+def check_detector(path: Path, x_test: np.ndarray, model: DigitsDetector) -> onnx.ModelProto:
+    """checker(full_check), size, BN unfused in inference form, SiLU as Sigmoid*Mul, ORT vs torch."""
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto, full_check=True)
+    size = path.stat().st_size
+    assert size < DET_MAX_BYTES, f"{path.name}: {size} bytes"
+    counts = op_counts(proto)
+    assert counts["BatchNormalization"] and counts["Sigmoid"] and counts["Pow"], counts
+    assert not counts.get("HardSwish") and not counts.get("Silu"), counts
+    cells = sum(ny * nx for ny, nx in det_grids())
+    for x in (x_test[:1], x_test):
+        got = session(path).run(["detections"], {"input": x})[0]
+        with torch.no_grad():
+            want = model(torch.from_numpy(x)).numpy()
+        assert got.shape == (len(x), cells, DET_NO), got.shape
+        diff = float(np.abs(got - want).max())  # boxes are in pixels (0..~100): same 1e-4 as the CNNs
+        assert diff <= TOLERANCE, f"{path.name}: ORT vs torch max abs diff {diff:.3g} at batch {len(x)}"
+    return proto
+
+
+def detector_eval(path: Path, scenes: Scenes) -> dict:
+    """fp32 detection metrics of the ONNX file in onnxruntime (benchmarks/detect_eval.py)."""
+    sys.path.insert(0, str(OUT.parent / "benchmarks"))
+    import detect_eval  # torch-free; shared with the benchmark and the tests
+
+    pred = session(path).run(["detections"], {"input": scenes.x})[0]
+    gt = {"boxes": scenes.boxes, "classes": scenes.classes, "count": scenes.count}
+    return detect_eval.evaluate(pred, gt)
+
+
+def save_scenes(name: str, scenes: Scenes) -> list[Path]:
+    """``detect_<name>.npz`` (``input`` only, so it is a valid ``--data`` file) and ``detect_<name>_gt.npz``."""
+    data, gt = OUT / f"detect_{name}.npz", OUT / f"detect_{name}_gt.npz"
+    write_npz(data, compress=True, input=scenes.x)
+    write_npz(gt, compress=True, boxes=scenes.boxes, classes=scenes.classes, count=scenes.count)
+    return [data, gt]
+
+
+def detector_readme(proto: onnx.ModelProto, path: Path, metrics: dict, files: list[Path],
+                    scenes: dict[str, Scenes]) -> list[str]:
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(op_counts(proto).items()))
+    params = sum(int(np.prod(t.dims)) for t in proto.graph.initializer)
+    cells = sum(ny * nx for ny, nx in det_grids())
+    objects = {k: int(v.count.sum()) for k, v in scenes.items()}
+    lines = [
+        DET_README_HEADING,
+        "",
+        "Built alone with `python models/make_models.py --only detector` (rewrites only the files of this",
+        "section and this section of the README). Its evaluator is `benchmarks/detect_eval.py` (numpy).",
+        "",
+        "### Data: digit scenes",
+        "",
+        f"{DET_CANVAS}x{DET_CANVAS} grayscale canvases with 1-{DET_MAX_OBJECTS} digits each: "
+        "a 16x16 digit image from the",
+        f"split above, resized (bilinear, numpy) to a random square of {DET_SIZES[0]}-{DET_SIZES[1]} pixels, contrast",
+        "x U(0.7, 1), pasted at a random position where its square overlaps no other digit's square; then",
+        f"Gaussian noise (std {DET_NOISE}), clipped to [0, 1] and rounded to 8-bit levels k/255. "
+        "A box is the tight box",
+        f"of the digit's ink (resized pixels > {DET_INK}). "
+        f"Training scenes ({DET_N_TRAIN} fresh ones per epoch) use only",
+        "the train split's digits, calib scenes only the calib split's, test scenes only the test split's, so",
+        "no digit image of the held-out scenes was seen in training.",
+        "",
+        "| file | content | bytes |",
+        "|---|---|---|",
+    ]
+    content = {
+        "detect_calib.npz": f"array `input` float32 [{DET_N_CALIB},1,{DET_CANVAS},{DET_CANVAS}] (a `--data` file)",
+        "detect_calib_gt.npz": f"ground truth of the calib scenes ({objects['calib']} objects), as below",
+        "detect_test.npz": f"array `input` float32 [{DET_N_TEST},1,{DET_CANVAS},{DET_CANVAS}] (a `--data` file)",
+        "detect_test_gt.npz": f"ground truth of the test scenes ({objects['test']} objects): `boxes` float32 "
+                              f"[N,{DET_MAX_OBJECTS},4] x1,y1,x2,y2 in pixels, `classes` int64 [N,{DET_MAX_OBJECTS}] "
+                              "(-1 = padding), `count` int64 [N] (the first count[i] rows are real)",
+    }
+    lines += [f"| `{p.name}` | {content[p.name]} | {p.stat().st_size} |" for p in files]
+    lines += [
+        "",
+        "The ground truth is in separate `_gt.npz` files because `--data` refuses arrays that are not model",
+        "inputs. The npz files are deflate-compressed (8-bit levels compress well); numpy reads them as usual.",
+        "",
+        "### digits_detector.onnx",
+        "",
+        f"YOLOv5-like, {params:,} parameters, opset {DET_OPSET}, {path.stat().st_size} bytes. Input `input` float32",
+        f"[batch,1,{DET_CANVAS},{DET_CANVAS}]; output `detections` float32 [batch,{cells},{DET_NO}]: one row per cell",
+        f"({DET_CANVAS // DET_STRIDES[0]}x{DET_CANVAS // DET_STRIDES[0]} cells at stride {DET_STRIDES[0]}, then "
+        f"{DET_CANVAS // DET_STRIDES[1]}x{DET_CANVAS // DET_STRIDES[1]} at stride {DET_STRIDES[1]}, row-major),",
+        "columns `cx, cy, w, h` in **pixels** (0..~100), `obj` and 10 class probabilities in **0..1** — the",
+        "mixed-range output of real YOLO exports.",
+        "",
+        "- Backbone: Conv-BN-SiLU (BN unfused; SiLU exported as `Sigmoid` + `Mul`) 1->8, 8->16 /2, 16->24 /2,",
+        "  24->24, 24->32 /2, 32->32 (C3, stride 8), 32->40 /2, 40->40 (C4, stride 16).",
+        "- Neck: 1x1 Conv-BN-SiLU 40->16 on C4, nearest `Resize` x2, `Concat` with C3, 3x3 Conv-BN-SiLU 48->32 (P3).",
+        "- Heads: 1x1 Conv 32->15 on P3 and 40->15 on C4 (with bias), one anchor per cell:",
+        f"  {DET_ANCHORS[0][0]:g}x{DET_ANCHORS[0][1]:g} at stride {DET_STRIDES[0]}, "
+        f"{DET_ANCHORS[1][0]:g}x{DET_ANCHORS[1][1]:g} at stride {DET_STRIDES[1]} (w x h pixels).",
+        "- Decode in the graph, per scale as YOLOv5's `Detect`: `Reshape` [N,1,15,ny,nx], `Transpose` to",
+        "  [N,1,ny,nx,15], `Sigmoid`, `Split` (2,2,11); `xy = (2s + grid) * stride` (grid initializer holds",
+        "  cell - 0.5), `wh = Pow(2s, 2) * anchor`; `Concat` (xy, wh, conf) on the last axis, `Reshape`",
+        "  [N,cells,15]; then `Concat` of the two scales on axis 1.",
+        f"- Training: {DET_EPOCHS} epochs x {DET_N_TRAIN} fresh scenes, Adam (one-cycle, max lr {DET_LR:g}), batch 64;",
+        "  each object is assigned to the scale whose anchor fits it best, to its centre cell and the nearer",
+        "  horizontal and vertical neighbours (YOLOv5's rule); loss 2·(1 − GIoU) + 5·BCE(obj, target IoU) +",
+        "  class BCE. Seeded, one thread, deterministic algorithms.",
+        "",
+        f"Held-out quality (fp32, onnxruntime CPU, {DET_N_TEST} test scenes, {objects['test']} objects; "
+        "confidence = obj ·",
+        "max class probability >= 0.001, class-wise NMS at IoU 0.5, all-point AP over the 10 classes):",
+        "",
+        "| mAP@0.5 | mAP@0.5:0.95 | mean IoU of TPs | recall@0.5 (all) | P / R / F1 at conf >= 0.25 |",
+        "|---:|---:|---:|---:|---:|",
+        f"| {metrics['map50']:.4f} | {metrics['map50_95']:.4f} | {metrics['mean_iou']:.4f} | "
+        f"{metrics['recall50']:.4f} | {metrics['precision']:.4f} / {metrics['recall']:.4f} / {metrics['f1']:.4f} |",
+        "",
+        f"Op counts: {counts}.",
+        "",
+    ]
+    return lines
+
+
+DET_README_HEADING = "## Detector fixture: digits_detector.onnx"
+
+
+def update_readme_detector(lines: list[str]) -> None:
+    """Replace (or append) the detector section at the end of models/README.md, leaving the rest as is."""
+    readme = OUT / "README.md"
+    text = readme.read_text()
+    head = text.split("\n" + DET_README_HEADING)[0].rstrip("\n")
+    readme.write_text(head + "\n\n" + "\n".join(lines))
+
+
+def build_detector(splits: dict[str, Split]) -> None:
+    """Train, export, check and describe digits_detector.onnx; write its scene data."""
+    t0 = time.perf_counter()
+    scenes = {
+        "calib": render_scenes(splits["calib"], DET_N_CALIB, np.random.default_rng([SEED, 2])),
+        "test": render_scenes(splits["test"], DET_N_TEST, np.random.default_rng([SEED, 3])),
+    }
+    files = [f for name in ("calib", "test") for f in save_scenes(name, scenes[name])]
+    model = train_detector(splits["train"])
+    path = OUT / "digits_detector.onnx"
+    export_detector(model, torch.from_numpy(scenes["test"].x[:2]), path)
+    proto = check_detector(path, scenes["test"].x, model)
+    metrics = detector_eval(path, scenes["test"])
+    print(f"{path.name}: {path.stat().st_size} bytes, opset {DET_OPSET}, test mAP@0.5 {metrics['map50']:.4f}, "
+          f"mAP@0.5:0.95 {metrics['map50_95']:.4f}, mean IoU {metrics['mean_iou']:.4f} "
+          f"({time.perf_counter() - t0:.0f} s)")
+    update_readme_detector(detector_readme(proto, path, metrics, files, scenes))
+    for p in files + [path]:
+        print(f"{p.name}: {p.stat().st_size} bytes, sha256 {hashlib.sha256(p.read_bytes()).hexdigest()[:16]}")
+
+
 # --------------------------------------------------------------------------------------------- main
 
 
@@ -571,9 +985,8 @@ def write_readme(entries: list[Entry], data_files: list[Path]) -> None:
     (OUT / "README.md").write_text("\n".join(lines))
 
 
-def main() -> int:
-    set_determinism()
-    splits = load_splits()
+def build_classifiers(splits: dict[str, Split]) -> None:
+    """The digits data, the four classifiers, the opset-11 CNN and the README (its detector section kept)."""
     save_data(splits)
     test, train_split = splits["test"], splits["train"]
     x_seq = as_sequence(test.x)
@@ -650,9 +1063,26 @@ def main() -> int:
     entries.append(describe(path, proto, what, image_input, test.x, test.y))
 
     data_files = sorted(OUT.glob("digits_*.np[yz]"))
+    readme = OUT / "README.md"
+    old_parts = (readme.read_text() if readme.exists() else "").split("\n" + DET_README_HEADING, 1)
     write_readme(entries, data_files)
+    if len(old_parts) == 2:  # keep the detector's section when only the classifiers are rebuilt
+        update_readme_detector((DET_README_HEADING + old_parts[1]).split("\n"))
     for p in data_files + [OUT / e.file for e in entries]:
         print(f"{p.name}: {p.stat().st_size} bytes, sha256 {hashlib.sha256(p.read_bytes()).hexdigest()[:16]}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Build the fixtures in models/ (see the module docstring).")
+    ap.add_argument("--only", choices=("classifiers", "detector"),
+                    help="build only the digits classifiers (and their data) or only the detector (and its scenes)")
+    args = ap.parse_args(argv)
+    set_determinism()
+    splits = load_splits()
+    if args.only in (None, "classifiers"):
+        build_classifiers(splits)
+    if args.only in (None, "detector"):
+        build_detector(splits)
     return 0
 
 
