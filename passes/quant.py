@@ -28,7 +28,7 @@ Modes
   ``target=tensorrt`` both inputs of a residual Add share one range too (TensorRT then fuses the Add into
   the Conv; onnxruntime's QLinearAdd rescales each input, so cpu/mobile keep the finer separate ranges). Softmax,
   LayerNormalization, GELU/Erf, Div, Pow, reductions and everything not listed stay float. SiLU as
-  exported (``Mul(x, Sigmoid(x))``) is quantized through (QLinearSigmoid + QLinearMul in onnxruntime), so
+  exported (``Mul(x, Sigmoid(x))``) is quantized through for cpu/mobile (QLinearSigmoid + QLinearMul), so
   the Conv before it runs as QLinearConv: a float SiLU left every Conv of the digits detector float behind
   DequantizeLinear (2.1× fp32 latency; 1.4× with SiLU in int8, 1.6× with only the Conv output quantized).
   Detection heads (``heads=auto``): a Conv/Gemm/MatMul whose output reaches a graph output through no
@@ -1063,8 +1063,10 @@ class QuantPass(ShrinkPass):
                     self.decline("activation x activation MatMul kept float (matmul_act=false)", node)
                     continue
                 anchors.add(id(node))
-            elif op == "Mul" and _is_silu(node):
-                anchors.add(id(node))  # x·σ(x): QLinearSigmoid + QLinearMul keep the Conv before it int8
+            elif op == "Mul" and self.options.target != "tensorrt" and _is_silu(node):
+                # x·σ(x): QLinearSigmoid + QLinearMul keep the Conv before it int8 in onnxruntime;
+                # TensorRT fuses Conv+SiLU itself and wants Q/DQ only on the Conv inputs
+                anchors.add(id(node))
             elif op == "Add" and all(_is_activation(v) for v in node.inputs[:2]):
                 if id(node) in softmax_region:
                     self.decline("Add feeding a Softmax (attention mask/bias) kept float", node)
