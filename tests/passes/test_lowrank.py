@@ -430,7 +430,8 @@ def test_refit_keeps_svd_factors_where_the_fit_would_overfit(monkeypatch):
     w2 = rng.standard_normal((64, 96)).astype(np.float32) / 10
     m = make([helper.make_node("MatMul", ["x", "w1"], ["h"], name="l1"), helper.make_node("Relu", ["h"], ["r"]),
               helper.make_node("Gemm", ["r", "w2", "b2"], ["y"], name="l2", transB=1)],
-             [vi("x", ["N", 32])], [vi("y", ["N", 64])], [arr("w1", w1), arr("w2", w2), arr("b2", rng.standard_normal(64))])
+             [vi("x", ["N", 32])], [vi("y", ["N", 64])],
+             [arr("w1", w1), arr("w2", w2), arr("b2", rng.standard_normal(64))])
     calib = rng.standard_normal((48, 32)).astype(np.float32)
     test = rng.standard_normal((1000, 32)).astype(np.float32)
     ref = run_ort(m, {"x": test})[0]
@@ -466,6 +467,18 @@ def test_budget_with_refit_is_met_cross_fitted_and_saves_more():
             assert 0 < c["budget_heldout_error_ppm"] <= 150000  # refitted on half the batches, measured on the rest
             assert rel_l2(run_ort(m, {"x": test})[0], run_ort(out, {"x": test})[0]) <= 0.15
     assert saved["rrr"] > saved["none"], saved
+
+
+def test_refit_probe_leaves_declined_layers_as_they_were():
+    """The probe session adds a bias input to Convs without one while it measures; a budget that declines
+    every split must give back the model exactly."""
+    rng = np.random.default_rng(5)
+    m = conv_chain(rng)
+    out, stats = lowrank(m, data={"x": image_data(rng, 64)}, budget=1e-4)
+    assert "split" not in stats["counters"] and stats["counters"]["sensitivity_runs"] > 0
+    assert list(out.graph.node) == list(m.graph.node)  # shape inference adds value_info, nothing else changes
+    by_name = lambda g: sorted(g.initializer, key=lambda t: t.name)  # noqa: E731 (their order is not kept)
+    assert by_name(out.graph) == by_name(m.graph) and out.graph.input == m.graph.input
 
 
 def test_refit_is_deterministic():
