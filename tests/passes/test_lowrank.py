@@ -514,7 +514,7 @@ def test_mobilenetv2_criterion_30pct_macs_within_1pt():
     x = np.load(MODELS / "digits_test.npz")["input"]
     y = np.load(MODELS / "digits_test_labels.npy")
     ref = onnxshrink.optimize(model, passes="fold", validate=False)
-    res = onnxshrink.optimize(model, passes="fold,lowrank(budget=0.35,objective=macs)", data=calib)
+    res = onnxshrink.optimize(model, passes="fold,lowrank(budget=0.3,objective=macs)", data=calib)
     assert res.report.verdict == "passed"
     removed = 1 - res.report.after.macs / ref.report.after.macs
     top1 = [float((run_ort(ir.to_proto(r.model), {"input": x})[0].argmax(1) == y).mean()) for r in (ref, res)]
