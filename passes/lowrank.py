@@ -40,9 +40,9 @@ the ridge solution ``W* = (Cxx + λI)⁻¹·(Cxy + λW)`` (shrunk towards the or
 data does not reach keep it) projected on the top ``r`` eigenvectors ``V`` of the fitted outputs'
 covariance ``W*ᵀ·Cxx·W*``, ``A·B = W*·V·Vᵀ``. Where the layer has a bias slot (Conv, Gemm with the
 weight on the right and a per-output or no ``C``) the covariances are centred and a new bias is fitted
-(one is added where there was none); MatMul keeps none. Only sums are streamed (``Σxxᵀ``, ``Σxoᵀ``,
-``Σooᵀ``, ``Σx``, ``Σo``: ``d²`` per layer input, never the samples), from one onnxruntime session in which
-every candidate's weight and bias can be replaced. The batches are split by parity into two folds: the
+(one is added where there was none); MatMul keeps none. Only sums are streamed (``Σxxᵀ``, ``Σxyᵀ``,
+``Σx``, ``Σy``, ``Σ‖y‖²``: ``d² + d·m`` per fold of the layer being fitted, never the samples), from one
+onnxruntime session in which every candidate's weight and bias can be replaced. The batches are split by parity into two folds: the
 ridge ``λ = ridge·100^k·mean(diag Cxx)`` (k < ``RIDGE_STEPS``) is chosen by cross-fitting (fitted on one
 fold, the error measured on the other), and the refit is kept only if that held-out error is below the
 SVD factors' error — a layer with fewer calibration rows than inputs would otherwise memorise them (counted
@@ -158,7 +158,7 @@ class LowrankOptions:
     min_speedup: float = option(0.0, "keep a split only if the layer runs this many times faster in ORT CPU (0: not measured)")
     objective: Literal["both", "params", "macs"] = option(
         "both", "what budget mode saves first: parameters, MACs, or both (fractions of the candidates' totals)")
-    samples: int = option(128, "calibration samples used for activation statistics and sensitivity")
+    samples: int = option(128, "calibration samples used for activation statistics, sensitivity and refit")
     damping: float = option(0.01, "diagonal loading of the activation covariance, relative to its mean diagonal")
     ridge: float = option(1e-4, "ridge of the refit's least squares, relative to the mean diagonal of XᵀX")
     refit: Literal["auto", "rrr", "none"] = option(
@@ -345,69 +345,59 @@ class _Fit:
 
 
 class _Moments:
-    """Sums over calibration rows of one group: ``x`` the layer's input in the compressed model, ``o`` in the
-    original one (the same samples, the same row order)."""
+    """Sums over calibration rows of one group: ``x`` the layer's input in the compressed model and ``y``
+    the original layer's output ``o·W + b`` on the same sample (``o``: its input in the original model).
+    Memory ``d² + d·m`` floats, whatever the number of rows."""
 
-    def __init__(self, d: int) -> None:
-        self.xx, self.xo, self.oo = np.zeros((d, d)), np.zeros((d, d)), np.zeros((d, d))
-        self.x, self.o = np.zeros(d), np.zeros(d)
+    def __init__(self, d: int, m: int) -> None:
+        self.xx, self.xy = np.zeros((d, d)), np.zeros((d, m))
+        self.x, self.y = np.zeros(d), np.zeros(m)
+        self.yy = 0.0
         self.n = 0
 
     @classmethod
-    def unchanged(cls, cov: np.ndarray, total: np.ndarray, n: int) -> _Moments:
-        """The moments when no split before the layer changes its input (``x = o``)."""
+    def unchanged(cls, cov: np.ndarray, total: np.ndarray, n: int, w: np.ndarray,
+                  b0: np.ndarray | None) -> _Moments:
+        """The moments when no split before the layer changes its input (``x = o``), from ``Σooᵀ``, ``Σo``."""
         m = cls.__new__(cls)
-        m.xx = m.xo = m.oo = cov
-        m.x = m.o = total
-        m.n = n
+        m.xx, m.x, m.n = cov, total, n
+        m.xy = cov @ w
+        m.y = total @ w
+        m.yy = float(np.sum(w * m.xy))
+        if b0 is not None:
+            m.xy = m.xy + np.outer(total, b0)
+            m.yy += 2.0 * float(m.y @ b0) + n * float(b0 @ b0)
+            m.y = m.y + n * b0
         return m
 
-    def add(self, x: np.ndarray, o: np.ndarray, originals: bool = True) -> None:
-        """Add rows; ``originals=False`` skips ``Σooᵀ``, ``Σo`` and the count (known from an earlier run)."""
+    def add(self, x: np.ndarray, y: np.ndarray) -> None:
         self.xx += x.T @ x
-        self.xo += x.T @ o
+        self.xy += x.T @ y
         self.x += x.sum(axis=0)
-        if originals:
-            self.oo += o.T @ o
-            self.o += o.sum(axis=0)
-            self.n += x.shape[0]
+        self.y += y.sum(axis=0)
+        self.yy += float(np.sum(y * y))
+        self.n += x.shape[0]
 
     def __add__(self, other: _Moments) -> _Moments:
         m = _Moments.__new__(_Moments)
-        for k in ("xx", "xo", "oo", "x", "o", "n"):
+        for k in ("xx", "xy", "x", "y", "yy", "n"):
             setattr(m, k, getattr(self, k) + getattr(other, k))
         return m
 
 
-def _targets(mo: _Moments, w: np.ndarray, b0: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, float]:
-    """``(Σxᵀy, Σy, Σ‖y‖²)`` for the original outputs ``y = o·W + b0``."""
-    sxy = mo.xo @ w
-    sy = mo.o @ w
-    yy = float(np.sum(w * (mo.oo @ w)))
-    if b0 is not None:
-        sxy = sxy + np.outer(mo.x, b0)
-        sy = sy + mo.n * b0
-        yy += 2.0 * float(mo.o @ w @ b0) + mo.n * float(b0 @ b0)
-    return sxy, sy, yy
-
-
-def _residual(mo: _Moments, targets: tuple[np.ndarray, np.ndarray, float], mat: np.ndarray,
-              c: np.ndarray | None) -> float:
-    """``Σ‖y − x·mat − c‖²`` over the rows of ``mo`` (``c`` None: no bias), from the sums alone
-    (``targets``: :func:`_targets` of ``mo``)."""
-    sxy, sy, yy = targets
-    res = yy - 2.0 * float(np.sum(mat * sxy)) + float(np.sum(mat * (mo.xx @ mat)))
+def _residual(mo: _Moments, mat: np.ndarray, c: np.ndarray | None) -> float:
+    """``Σ‖y − x·mat − c‖²`` over the rows of ``mo`` (``c`` None: no bias), from the sums alone."""
+    res = mo.yy - 2.0 * float(np.sum(mat * mo.xy)) + float(np.sum(mat * (mo.xx @ mat)))
     if c is not None:
-        res += -2.0 * float(c @ sy) + 2.0 * float((mo.x @ mat) @ c) + mo.n * float(c @ c)
+        res += -2.0 * float(c @ mo.y) + 2.0 * float((mo.x @ mat) @ c) + mo.n * float(c @ c)
     return max(res, 0.0)
 
 
-def _rrr(mo: _Moments, targets: tuple[np.ndarray, np.ndarray, float], w: np.ndarray, r: int, ridge: float,
+def _rrr(mo: _Moments, w: np.ndarray, r: int, ridge: float,
          fit_bias: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Reduced-rank regression of the original outputs ``y = o·W + b0`` on the current inputs ``x``.
 
-    ``targets`` is :func:`_targets` of ``mo``. Returns ``(A, B, c)``: ``x·A·B + c`` (``c`` None when the
-    bias is not fitted) approximately minimises ``Σ‖y − x·A·B − c‖² + λ‖A·B − W‖²`` over rank-``r``
+    Returns ``(A, B, c)``: ``x·A·B + c`` (``c`` None when the bias is not fitted) approximately minimises ``Σ‖y − x·A·B − c‖² + λ‖A·B − W‖²`` over rank-``r``
     products: the ridge solution
     ``W* = (Cxx + λI)⁻¹·(Cxy + λW)`` (shrunk towards the original weight, so directions the data does not
     reach keep it; ``W* = W`` exactly when ``x = o``) projected on the top-``r`` eigenvectors ``V`` of the
@@ -416,12 +406,11 @@ def _rrr(mo: _Moments, targets: tuple[np.ndarray, np.ndarray, float], w: np.ndar
     ``W*·V = U·S·Qᵀ`` (balanced scales).
     """
     n = max(mo.n, 1)
-    sxy, sy, _ = targets
     if fit_bias:
         cxx = mo.xx - np.outer(mo.x, mo.x) / n
-        cxy = sxy - np.outer(mo.x, sy) / n
+        cxy = mo.xy - np.outer(mo.x, mo.y) / n
     else:
-        cxx, cxy = mo.xx, sxy
+        cxx, cxy = mo.xx, mo.xy
     d, m = w.shape
     mean_diag = float(np.trace(cxx)) / d if d else 0.0
     if mean_diag <= 0:
@@ -443,7 +432,7 @@ def _rrr(mo: _Moments, targets: tuple[np.ndarray, np.ndarray, float], w: np.ndar
     if r_g < r:
         a = np.concatenate([a, np.zeros((d, r - r_g))], axis=1)
         b = np.concatenate([b, np.zeros((r - r_g, m))], axis=0)
-    c = (sy - mo.x @ (a @ b)) / n if fit_bias else None
+    c = (mo.y - mo.x @ (a @ b)) / n if fit_bias else None
     return a, b, c
 
 
@@ -974,21 +963,19 @@ class LowrankPass(ShrinkPass):
         ws = layer.wmats
         bg = [b0[g * m:(g + 1) * m] if b0 is not None else None for g in groups]
         total = folds[0] if len(folds) == 1 else [a + b for a, b in zip(*folds)]
-        tg_total = [_targets(total[g], ws[g], bg[g]) for g in groups]
-        tg_folds = [[_targets(f[g], ws[g], bg[g]) for g in groups] for f in folds] if len(folds) == 2 else None
-        energy = sum(t[2] for t in tg_total)
-        res_plain = sum(_residual(total[g], tg_total[g], plain[g][0] @ plain[g][1], bg[g]) for g in groups)
+        energy = sum(mo.yy for mo in total)
+        res_plain = sum(_residual(total[g], plain[g][0] @ plain[g][1], bg[g]) for g in groups)
         best: tuple[float, float] | None = None
-        for ridge in sorted({o.ridge * 100.0 ** k for k in range(RIDGE_STEPS if tg_folds else 1)}):
+        for ridge in sorted({o.ridge * 100.0 ** k for k in range(RIDGE_STEPS if len(folds) == 2 else 1)}):
             res = 0.0
             for g in groups:
-                if tg_folds:
+                if len(folds) == 2:
                     for k in (0, 1):
-                        a, b, c = _rrr(folds[k][g], tg_folds[k][g], ws[g], cfg, ridge, fit_bias)
-                        res += _residual(folds[1 - k][g], tg_folds[1 - k][g], a @ b, c)
+                        a, b, c = _rrr(folds[k][g], ws[g], cfg, ridge, fit_bias)
+                        res += _residual(folds[1 - k][g], a @ b, c)
                 else:
-                    a, b, c = _rrr(total[g], tg_total[g], ws[g], cfg, ridge, fit_bias)
-                    res += _residual(total[g], tg_total[g], a @ b, c)
+                    a, b, c = _rrr(total[g], ws[g], cfg, ridge, fit_bias)
+                    res += _residual(total[g], a @ b, c)
             if best is None or res < best[0]:
                 best = (res, ridge)
 
@@ -998,7 +985,7 @@ class LowrankPass(ShrinkPass):
         res_fit, ridge = best
         if not res_fit < res_plain:
             return _Fit(plain, None, (rel(res_plain), rel(res_plain)))
-        fits = [_rrr(total[g], tg_total[g], ws[g], cfg, ridge, fit_bias) for g in groups]
+        fits = [_rrr(total[g], ws[g], cfg, ridge, fit_bias) for g in groups]
         bias = np.concatenate([c for _, _, c in fits]) if fit_bias else None
         return _Fit([(a, b) for a, b, _ in fits], bias, (rel(res_plain), rel(res_fit)))
 
@@ -1006,31 +993,32 @@ class LowrankPass(ShrinkPass):
         """The refit when no split before the layer changes its input (from the activation statistics)."""
         key = ("alone", cfg)
         if key not in layer.measured:
-            moments = [_Moments.unchanged(c, t, layer.rows_seen) for c, t in layer.stats]
+            b0 = self._orig_bias(layer)
+            m = layer.d_out
+            moments = [_Moments.unchanged(c, t, layer.rows_seen, layer.wmats[g],
+                                          b0[g * m:(g + 1) * m] if b0 is not None else None)
+                       for g, (c, t) in enumerate(layer.stats)]
             layer.measured[key] = self._fit_layer(layer, cfg, [moments])
         return layer.measured[key]
 
     def _moments(self, probe: _ProbeSession, layer: _Layer, feeds: dict[str, np.ndarray],
                  batches: list[int]) -> list[list[_Moments]]:
-        """Stream the layer's input rows on ``batches`` with ``feeds`` (the splits before it) and in the
-        original model; moments per fold (the batches split by parity; one fold if there is one batch), per
-        group."""
+        """Stream the layer's input rows on ``batches`` with ``feeds`` (the splits before it), and its
+        original outputs (its input in the original model times the original weight, plus the bias);
+        moments per fold (the batches split by parity; one fold if there is one batch), per group."""
         name = layer.node.inputs[layer.act_index].name
+        b0 = self._orig_bias(layer)
+        m = layer.d_out
         n_folds = 2 if len(batches) > 1 else 1
-        folds = [[_Moments(layer.d_in) for _ in range(layer.groups)] for _ in range(n_folds)]
-        key = ("fold_originals", tuple(batches))
-        known = layer.measured.get(key)  # the original input's sums do not change
+        folds = [[_Moments(layer.d_in, m) for _ in range(layer.groups)] for _ in range(n_folds)]
         for pos, i in enumerate(batches):
             x = _rows(probe.value(name, i, feeds), layer.stat_key)
             orig = _rows(probe.value(name, i, None), layer.stat_key)
-            for mo, xg, og in zip(folds[pos % n_folds], x, orig):
-                mo.add(xg.astype(np.float64, copy=False), og.astype(np.float64, copy=False), originals=known is None)
-        if known is None:
-            layer.measured[key] = [[(mo.oo, mo.o, mo.n) for mo in fold] for fold in folds]
-        else:
-            for fold, kf in zip(folds, known):
-                for mo, (oo, o, n) in zip(fold, kf):
-                    mo.oo, mo.o, mo.n = oo, o, n
+            for g, (mo, xg, og) in enumerate(zip(folds[pos % n_folds], x, orig)):
+                y = og.astype(np.float64, copy=False) @ layer.wmats[g]
+                if b0 is not None:
+                    y += b0[g * m:(g + 1) * m]
+                mo.add(xg.astype(np.float64, copy=False), y)
         self.count("refit_runs")
         return folds
 
