@@ -1176,8 +1176,10 @@ class LowrankPass(ShrinkPass):
 
         The error of a choice is *cross-fitted* when there are two or more calibration batches: the splits
         are refitted on the even batches and the error measured on the odd ones, and vice versa, so a fit
-        that only memorises its rows does not pass for a good one. The final choice is refitted on all
-        batches and measured on them; while that error is over budget the last accepted steps are undone.
+        that only memorises its rows does not pass for a good one (a layer whose input no split before it
+        changes is fitted from the statistics of all batches: there the fit only re-whitens the original
+        weight and sets the bias). The final choice is refitted on all batches and measured on them; while
+        that error is over budget the last accepted steps are undone.
         """
         o: LowrankOptions = self.options
         pos = {id(l): i for i, l in enumerate(layers)}
