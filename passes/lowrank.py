@@ -990,16 +990,17 @@ class LowrankPass(ShrinkPass):
         return _Fit([(a, b) for a, b, _ in fits], bias, (rel(res_plain), rel(res_fit)))
 
     def _alone_fit(self, layer: _Layer, cfg: int) -> _Fit:
-        """The refit when no split before the layer changes its input (from the activation statistics)."""
-        key = ("alone", cfg)
-        if key not in layer.measured:
+        """The refit when no split before the layer changes its input (from the activation statistics).
+        The last one is kept (one rank per layer: memory stays one split per layer)."""
+        kept = layer.measured.get("alone")
+        if kept is None or kept[0] != cfg:
             b0 = self._orig_bias(layer)
             m = layer.d_out
             moments = [_Moments.unchanged(c, t, layer.rows_seen, layer.wmats[g],
                                           b0[g * m:(g + 1) * m] if b0 is not None else None)
                        for g, (c, t) in enumerate(layer.stats)]
-            layer.measured[key] = self._fit_layer(layer, cfg, [moments])
-        return layer.measured[key]
+            kept = layer.measured["alone"] = (cfg, self._fit_layer(layer, cfg, [moments]))
+        return kept[1]
 
     def _moments(self, probe: _ProbeSession, layer: _Layer, feeds: dict[str, np.ndarray],
                  batches: list[int]) -> list[list[_Moments]]:
@@ -1048,11 +1049,11 @@ class LowrankPass(ShrinkPass):
 
     def _arrays(self, layer: _Layer, cfg: Any, fit: _Fit | None) -> tuple[np.ndarray, np.ndarray | None]:
         """The split's weight (and new bias, or None) as the node's own inputs would hold them."""
-        if fit is None:
-            key = ("dense", cfg)
-            if key not in layer.measured:
-                layer.measured[key] = (self._dense(layer, cfg), None)
-            return layer.measured[key]
+        if fit is None:  # the SVD factors: the last rank's weight is kept
+            kept = layer.measured.get("dense")
+            if kept is None or kept[0] != cfg:
+                kept = layer.measured["dense"] = (cfg, (self._dense(layer, cfg), None))
+            return kept[1]
         if fit.arrays is None:
             bias = None
             if fit.bias is not None:
