@@ -204,7 +204,7 @@ class LowrankOptions:
 def _one_blas_thread() -> contextlib.AbstractContextManager:
     """One BLAS thread while the refit does its many small solves and eigendecompositions: threaded BLAS
     is slower on small matrices, and several times slower on a loaded machine (bert_tiny budget mode: 45 s
-    vs 8 s on 2 shared cores). Uses ``threadpoolctl`` when it is installed; else nothing changes."""
+    vs 8 s on 2 shared cores). Uses ``threadpoolctl`` (a dependency); if it is missing nothing changes."""
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:  # pragma: no cover - optional
