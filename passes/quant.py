@@ -20,8 +20,10 @@ Modes
   op (Conv, Gemm, MatMul, Add, Concat, pooling, Resize and data-movement ops) gets one
   ``QuantizeLinear → DequantizeLinear`` pair with a calibrated range ``[lo, hi]``:
   ``cpu``/``mobile``: uint8 asymmetric, ``s = (hi − lo)/255``, ``z = round(−lo/s)``;
-  ``tensorrt``: int8 symmetric, ``s = max(|lo|, |hi|)/127``, ``z = 0``. Biases stay float in QDQ
-  (onnxruntime still fuses QLinearConv; it saves a scale per channel); ``format=qop`` makes them int32
+  ``tensorrt``: int8 symmetric, ``s = max(|lo|, |hi|)/127``, ``z = 0``. Conv biases stay float in QDQ
+  (onnxruntime still fuses QLinearConv; it saves a scale per channel); Gemm biases become int32 behind
+  DequantizeLinear and Gemm/MatMul weights keep an explicit zero point (cpu/mobile), without which
+  onnxruntime does not form QGemm and dequantizes the weights at every run; ``format=qop`` makes them int32
   with ``s_b = s_x · s_W`` as QLinearConv requires. On x86 without VNNI the u8s8 integer kernels sum
   pairs of products in int16 and saturate, so ``target=cpu|mobile`` use 7-bit weights (``reduce_range``). Concat inputs and outputs share one range (the union) so the
   concat moves int8 without requantizing; data-movement ops share their input's range; with
@@ -761,7 +763,12 @@ class QuantPass(ShrinkPass):
             base = self._short("w")
             qv = self._new_init(graph, base, q)
             sv = self._new_init(graph, f"{base}s", scale)
-            zv = self._new_init(graph, f"{base}z", np.zeros(scale.shape, np.int8)) if self._keep_zp else None
+            # the zero point defaults to 0, but onnxruntime fuses DQ→Gemm/MatMul into QGemm/QLinearMatMul
+            # only with it spelled out (measured: without it the digits CNN's Gemms stayed float behind a
+            # per-run weight dequantization); Conv fuses either way, so it is omitted there (smaller file)
+            keep_zp = self._keep_zp or (self._int_input is not None and any(
+                n.op_type in ("Gemm", "MatMul") and id(n) in self._int_input for n, _ in group))
+            zv = self._new_init(graph, f"{base}z", np.zeros(scale.shape, np.int8)) if keep_zp else None
             if axis is not None and not self._per_channel_ok:
                 # opset < 13: per-tensor DequantizeLinear(q, 1) then a per-channel Mul (exact)
                 one = self._new_init(graph, f"{base}u", np.asarray(1.0, np.float32))
@@ -1002,6 +1009,10 @@ class QuantPass(ShrinkPass):
             self.count("activations_quantized")
         if o.format == "qop":
             self._quantize_biases(model)  # QLinearConv takes an int32 bias; QDQ keeps it float (ORT fuses)
+        elif o.target != "tensorrt":
+            # onnxruntime fuses a Gemm whose output is not requantized (a classifier's last layer) into
+            # QGemm only with an int32 bias behind DequantizeLinear (measured on the digits CNN's fc2)
+            self._quantize_biases(model, ("Gemm",))
         self._activation_ranges = ranges
         if o.max_drop >= 0:
             self._fallback(model)
@@ -1234,10 +1245,10 @@ class QuantPass(ShrinkPass):
         for node, slot in uses:
             self._replace(node, slot, dq.outputs[0])
 
-    def _quantize_biases(self, model: ir.Model) -> None:
+    def _quantize_biases(self, model: ir.Model, ops: tuple[str, ...] = ("Conv", "Gemm")) -> None:
         """Conv/Gemm biases to int32 with scale s_x·s_W, where input and weight are dequantized."""
         for node in list(model.graph):
-            if not _is_onnx(node, "Conv", "Gemm") or len(node.inputs) < 3 or node.inputs[2] is None:
+            if not _is_onnx(node, *ops) or len(node.inputs) < 3 or node.inputs[2] is None:
                 continue
             if node.op_type == "Gemm" and _attr(node, "beta", 1.0) != 1.0:
                 continue

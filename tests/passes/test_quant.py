@@ -863,3 +863,22 @@ def test_silu_is_quantized_through_so_the_conv_before_it_is_int8():
     for n in out.graph.node:
         if n.op_type == "Mul":
             assert n.name == "silu_mul"
+
+
+def test_qdq_digits_cnn_runs_fully_int8_in_onnxruntime(tmp_path):
+    """onnxruntime fuses every DQ→op→Q group of the static QDQ digits CNN: QLinearConv for the convs,
+    QGemm for both Gemms (it needs the weights' zero point spelled out and, for the last Gemm, an int32
+    bias behind DequantizeLinear) — no DequantizeLinear is left to run per inference."""
+    import onnxruntime as ort
+
+    result = onnxshrink.optimize(str(MODELS / "digits_cnn.onnx"), passes="fold,quant(mode=static)",
+                                 data=str(CALIB), latency=False, validate=False)
+    src = tmp_path / "q.onnx"
+    result.save(src)
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "q.opt.onnx")
+    so.log_severity_level = 3
+    ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
+    fused = ops(onnx.load(str(tmp_path / "q.opt.onnx")))
+    assert fused["QLinearConv"] == 3 and fused["QGemm"] == 2, fused
+    assert fused["DequantizeLinear"] == 0 and fused["Gemm"] == 0 and fused["Conv"] == 0, fused
