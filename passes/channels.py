@@ -262,6 +262,15 @@ class ChannelGraph:
             self.union(x.group, y.group)
         return a
 
+    def _cut_param(self, node: ir.Node, slot: int, axis: int, lay: Layout, blocked: Layout | None = None) -> None:
+        """Cut the per-channel parameter in ``slot`` of ``node`` along ``axis`` with ``lay``, or block the
+        group (``blocked``, default ``lay``) with the reason it cannot be cut."""
+        why = self._param_ok(node, slot)
+        if why:
+            self.block(blocked if blocked is not None else lay, why)
+        else:
+            self.cuts.append(Cut(node, slot, axis, lay, "out"))
+
     def _param_ok(self, node: ir.Node, index: int) -> str | None:
         """None if input ``index`` of ``node`` is a constant only ``node`` uses, else the reason."""
         v = node.inputs[index] if index < len(node.inputs) else None
@@ -439,11 +448,7 @@ class ChannelGraph:
             if d == 1:
                 continue
             if shp is not None and d == C:
-                why = self._param_ok(node, i)
-                if why:
-                    self.block(out_layout, why)
-                else:
-                    self.cuts.append(Cut(node, i, ax, Layout(ax, out_layout.segs, out_layout.inner), "out"))
+                self._cut_param(node, i, ax, Layout(ax, out_layout.segs, out_layout.inner), blocked=out_layout)
                 continue
             self.block(out_layout, f"{node.op_type} with an untracked full-channel operand")
         self.layouts[out] = out_layout
@@ -458,11 +463,7 @@ class ChannelGraph:
         if node.attributes.get_int("training_mode", 0) or any(o.uses() for o in node.outputs[1:]):
             self.block(lay, "BatchNormalization in training mode")
         for i in range(1, min(5, len(node.inputs))):
-            why = self._param_ok(node, i)
-            if why:
-                self.block(lay, why)
-            else:
-                self.cuts.append(Cut(node, i, 0, lay, "out"))
+            self._cut_param(node, i, 0, lay)
         self.layouts[node.outputs[0]] = lay
 
     def _op_InstanceNormalization(self, node: ir.Node) -> None:
@@ -471,11 +472,7 @@ class ChannelGraph:
             return
         lay = self.layouts[x]
         for i in (1, 2):
-            why = self._param_ok(node, i)
-            if why:
-                self.block(lay, why)
-            else:
-                self.cuts.append(Cut(node, i, 0, lay, "out"))
+            self._cut_param(node, i, 0, lay)
         self.layouts[node.outputs[0]] = lay
 
     def _qdq(self, node: ir.Node) -> None:
@@ -496,11 +493,7 @@ class ChannelGraph:
                     if qaxis != lay.axis or len(shp) != 1:
                         self.block(lay, f"{node.op_type} blocked over a non-channel axis")
                         continue
-                    why = self._param_ok(node, j)
-                    if why:
-                        self.block(lay, why)
-                    else:
-                        self.cuts.append(Cut(node, j, 0, lay, "out"))
+                    self._cut_param(node, j, 0, lay)
         self.layouts[node.outputs[0]] = lay
 
     _op_QuantizeLinear = _qdq
@@ -591,11 +584,7 @@ class ChannelGraph:
             else:
                 self._add_cuts(places, out_lay, "out")
             if has_bias:
-                why = self._param_ok(node, 2)
-                if why:
-                    self.block(out_lay, why)
-                else:
-                    self.cuts.append(Cut(node, 2, 0, out_lay, "out"))
+                self._cut_param(node, 2, 0, out_lay)
             self.layouts[node.outputs[0]] = out_lay
             self.mac_nodes.append(MacNode(node, macs, in_lay, out_lay))
             if in_lay is not None and not transpose:
@@ -626,11 +615,7 @@ class ChannelGraph:
         else:
             self._add_cuts(places, in_lay, "out")
         if has_bias:
-            why = self._param_ok(node, 2)
-            if why:
-                self.block(in_lay, why)
-            else:
-                self.cuts.append(Cut(node, 2, 0, in_lay, "out"))
+            self._cut_param(node, 2, 0, in_lay)
         self.fixes.append(Fix("group", node, [in_lay], unit=k))
         self.layouts[node.outputs[0]] = in_lay
         self.mac_nodes.append(MacNode(node, macs, in_lay, in_lay, passthrough=True))
@@ -670,11 +655,7 @@ class ChannelGraph:
             if cshape is None:
                 self.block(out_lay, "Gemm bias is not constant")
             elif cshape and cshape[-1] == N and N > 1:
-                why = self._param_ok(node, 2)
-                if why:
-                    self.block(out_lay, why)
-                else:
-                    self.cuts.append(Cut(node, 2, len(cshape) - 1, out_lay, "out"))
+                self._cut_param(node, 2, len(cshape) - 1, out_lay)
         self.layouts[node.outputs[0]] = out_lay
         self.mac_nodes.append(MacNode(node, self._node_macs(node), in_lay, out_lay))
         if in_lay is not None:
