@@ -46,6 +46,7 @@ from onnx import numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import detect_eval  # noqa: E402
+from bench_quant import ort_static, ours, session, table  # noqa: E402  (the same calls, side by side)
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"
@@ -53,16 +54,6 @@ BATCH = 64
 
 
 # ------------------------------------------------------------------------------------------ running
-
-
-def session(path: str | Path):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.intra_op_num_threads = 1
-    so.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
 def predict(path: str | Path, x: np.ndarray, outputs: list[str] | None = None) -> list[np.ndarray]:
@@ -85,43 +76,6 @@ def with_outputs(src: str | Path, names: list[str], dst: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------- tools
-
-
-def ours(model: Path, spec: str, calib: Path, out: Path) -> float:
-    import onnxshrink
-
-    t = time.perf_counter()
-    r = onnxshrink.optimize(str(model), passes=spec, data=str(calib), validate=False, latency=False, cache=False)
-    r.save(out)
-    r.close()
-    return time.perf_counter() - t
-
-
-def _reader(calib: Path):
-    from onnxruntime.quantization import CalibrationDataReader
-
-    x = np.load(calib)["input"]
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.it = iter(range(0, len(x), 32))
-
-        def get_next(self):
-            i = next(self.it, None)
-            return None if i is None else {"input": x[i:i + 32]}
-
-    return Reader()
-
-
-def ort_static(model: Path, calib: Path, out: Path, exclude: list[str] | None = None) -> float:
-    """quantize_static as bench_quant.py calls it (QDQ, MinMax, per-channel, u8 activations, s8 weights)."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-
-    t = time.perf_counter()
-    quantize_static(str(model), str(out), _reader(calib), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=list(exclude or []))
-    return time.perf_counter() - t
 
 
 def ort_pre_process(model: Path, out: Path) -> float:
@@ -380,13 +334,6 @@ def diagnose(model: Path, calib: Path, x: np.ndarray, gt: dict, ref: np.ndarray,
 
 
 # ------------------------------------------------------------------------------------------ output
-
-
-def table(rows: list[dict]) -> str:
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    lines = [" | ".join(keys), " | ".join("---" for _ in keys)]
-    lines += [" | ".join(str(r.get(k, "")) for k in keys) for r in rows]
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
