@@ -1278,7 +1278,7 @@ class LowrankPass(ShrinkPass):
             return v
 
         def mk(op: str, inputs: list, attrs: dict, suffix: str) -> ir.Value:
-            n = ir.Node("", op, inputs, attributes=[ir.Attr(k, _attr_type(v), v) for k, v in attrs.items()],
+            n = ir.Node("", op, inputs, attributes=ir.convenience.convert_attributes(attrs),
                         num_outputs=1, name=f"{node.name or base}/lowrank_{suffix}")
             n.outputs[0].name = unique_name(f"{base}_lowrank_{suffix}_out", names)
             new_nodes.append(n)
@@ -1447,20 +1447,6 @@ def _conv_attrs(node: ir.Node) -> dict:
     if "kernel_shape" in attrs:
         attrs.pop("kernel_shape")  # the core kernel's shape comes from its weight
     return attrs
-
-
-def _attr_type(v: Any) -> ir.AttributeType:
-    if isinstance(v, bool) or isinstance(v, int):
-        return ir.AttributeType.INT
-    if isinstance(v, float):
-        return ir.AttributeType.FLOAT
-    if isinstance(v, str):
-        return ir.AttributeType.STRING
-    if isinstance(v, (list, tuple)) and all(isinstance(i, int) for i in v):
-        return ir.AttributeType.INTS
-    if isinstance(v, (list, tuple)):
-        return ir.AttributeType.FLOATS
-    raise TypeError(f"attribute value {v!r}")
 
 
 def _all_names(graph: ir.Graph) -> set[str]:

@@ -625,7 +625,8 @@ class QuantPass(ShrinkPass):
     def _node(self, op: str, inputs: list[ir.Value | None], attrs: dict[str, Any] | None = None,
               *, domain: str = "", name: str | None = None, num_outputs: int = 1,
               outputs: list[ir.Value] | None = None) -> ir.Node:
-        attributes = [v if isinstance(v, ir.Attr) else ir.Attr(k, _attr_type(v), v) for k, v in (attrs or {}).items()]
+        attributes = ir.convenience.convert_attributes(
+            {k: int(v) if isinstance(v, np.integer) else v for k, v in (attrs or {}).items()})
         node = ir.Node(domain, op, inputs, attributes, outputs=outputs,
                        num_outputs=None if outputs is not None else num_outputs,
                        name=unique_name(name, self._taken) if name else None)
@@ -1817,18 +1818,6 @@ def _drop(ref: dict[str, Any], outs: list[np.ndarray], context: Any) -> float:
         cos = np.where(den > 0, num / np.maximum(den, 1e-30), 1.0)
         return float(1.0 - np.mean(cos))
     return float(np.linalg.norm(y - c) / max(np.linalg.norm(y), 1e-30))
-
-
-def _attr_type(v: Any) -> ir.AttributeType:
-    if isinstance(v, bool) or isinstance(v, (int, np.integer)) or isinstance(v, ir.DataType):
-        return ir.AttributeType.INT
-    if isinstance(v, float):
-        return ir.AttributeType.FLOAT
-    if isinstance(v, str):
-        return ir.AttributeType.STRING
-    if isinstance(v, (list, tuple)) and all(isinstance(x, int) for x in v):
-        return ir.AttributeType.INTS
-    raise TypeError(type(v))
 
 
 def _append_input(node: ir.Node, value: ir.Value) -> None:
