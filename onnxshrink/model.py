@@ -666,6 +666,19 @@ def name_matcher(pattern: str | None):
     return match
 
 
+def taken_names(*graphs: ir.Graph) -> set[str]:
+    """Every value and node name in ``graphs`` (inputs, initializers, node outputs and names, subgraphs
+    included): the set :func:`unique_name` checks new names against."""
+    names: set[str] = set()
+    for graph in graphs:
+        names |= {v.name for v in graph.inputs if v.name} | set(graph.initializers)
+        for node in graph.all_nodes():
+            names.update(v.name for v in node.outputs if v.name)
+            if node.name:
+                names.add(node.name)
+    return names
+
+
 def unique_name(base: str, taken: Any) -> str:
     """``base``, or ``base_1``, ``base_2`` … — the first not in ``taken`` (a set, or a graph's
     ``initializers``). A set is updated with the returned name."""

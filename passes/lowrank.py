@@ -119,7 +119,7 @@ import onnx_ir as ir
 from onnx_ir.passes import common as ir_common
 
 from onnxshrink.errors import UsageError
-from onnxshrink.model import constant_value, unique_name
+from onnxshrink.model import constant_value, taken_names, unique_name
 from onnxshrink.registry import ShrinkPass, option, register
 
 __all__ = ["LowrankOptions", "LowrankPass", "MAX_PATCH_DIM"]
@@ -586,7 +586,7 @@ class LowrankPass(ShrinkPass):
             if layer.fit is not None:
                 self.count("layers_refit" if layer.fit.error[1] < layer.fit.error[0] else "refit_kept_plain")
         modified = False
-        names = _all_names(model.graph)
+        names = taken_names(model.graph)
         for layer in layers:
             if layer.reason:
                 continue
@@ -1449,15 +1449,6 @@ def _conv_attrs(node: ir.Node) -> dict:
     return attrs
 
 
-def _all_names(graph: ir.Graph) -> set[str]:
-    names = {v.name for v in graph.inputs if v.name} | set(graph.initializers)
-    for node in graph.all_nodes():
-        names.update(v.name for v in node.outputs if v.name)
-        if node.name:
-            names.add(node.name)
-    return names
-
-
 def _drop_if_unused(graph: ir.Graph, value: ir.Value) -> None:
     if value.uses() or value.is_graph_output() or value.is_graph_input():
         return
@@ -1491,7 +1482,7 @@ class _ProbeSession:
         self.feed_names: dict[int, str] = {}
         self.bias_names: dict[int, str] = {}
         added: list[tuple[ir.Node, int, ir.Value | None, ir.Value, int]] = []
-        names = _all_names(graph)
+        names = taken_names(graph)
         input_names = {v.name for v in graph.inputs}
         saved_outputs = list(graph.outputs)
 
@@ -1649,7 +1640,7 @@ def _measure_latency(p: LowrankPass, model: ir.Model, layer: _Layer) -> tuple[fl
             mini = ir.Model(g, ir_version=8)
             if split:
                 sub = dataclasses.replace(layer, node=n)
-                p._emit(g, sub, _all_names(g))
+                p._emit(g, sub, taken_names(g))
             path = os.path.join(tmp, f"m{int(split)}.onnx")
             save_model(mini, path)
             sessions.append(make_session(path))

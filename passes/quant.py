@@ -95,7 +95,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxshrink.errors import UsageError
-from onnxshrink.model import name_matcher, unique_name
+from onnxshrink.model import name_matcher, taken_names, unique_name
 from onnxshrink.targets import static_problems
 from onnxshrink.registry import ShrinkPass, option, register
 
@@ -552,8 +552,7 @@ class QuantPass(ShrinkPass):
                                  pass_name=self.name, option="max_drop", hint="drop max_drop for this model") from e
             self._reference = _reference(outs, o.metric, self.context)
         self._exclude = name_matcher(o.exclude)
-        self._taken: set[str] = {v.name for g in model.graphs() for n in g for v in n.outputs if v.name}
-        self._taken |= {n for g in model.graphs() for n in g.initializers}
+        self._taken: set[str] = taken_names(*model.graphs())
         opset = _opset(model)
         if opset < 10 or (mode == "dynamic" and opset < 11):
             need = 11 if mode == "dynamic" else 10
