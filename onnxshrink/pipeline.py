@@ -165,8 +165,8 @@ def _convert(info: PassInfo, field: dataclasses.Field, raw: str) -> Any:
             return by_text[raw]
         if raw not in choices:
             raise SpecError(
-                f"{where} must be one of {', '.join(map(str, choices))}, not {raw!r}",
-                hint=suggest(raw, [str(c) for c in choices]),
+                f"{where} must be one of {', '.join(by_text)}, not {raw!r}",
+                hint=suggest(raw, list(by_text)),
                 pass_name=info.name,
                 option=field.name,
             )

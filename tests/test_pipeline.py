@@ -458,3 +458,10 @@ def test_every_registered_pass_default_spec_round_trips():
 def test_glob_and_alternation_values_parse():
     steps = parse("quant(exclude=/blocks/*|fc[12]:0)")
     assert steps[0].options.exclude == "/blocks/*|fc[12]:0"
+
+
+def test_mixed_word_and_bool_choices_print_as_written():
+    with pytest.raises(SpecError, match=r"must be one of auto, true, false, not 'treu'") as exc:
+        parse("quant(cle=treu)")
+    assert exc.value.hint == "did you mean 'true'?"
+    assert parse("quant(cle=false)")[0].options.cle is False and parse("quant")[0].options.cle == "auto"
