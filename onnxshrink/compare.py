@@ -340,16 +340,17 @@ class CompareResult:
             console.print(f"note: {escape(n)}", highlight=False)
 
 
-def _g(x: float | None) -> str:
+def _g(x: float | None, digits: int = 3, dash: str = "-") -> str:
+    """A metric for a table: ``digits`` significant digits, ``dash`` for a missing value."""
     if x is None:
-        return "-"
+        return dash
     if isinstance(x, float) and not math.isfinite(x):
         return str(x)
-    return f"{x:.3g}"
+    return f"{x:.{digits}g}"
 
 
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.2f}%"
+def _pct(x: float | None, dash: str = "-") -> str:
+    return dash if x is None else f"{100 * x:.2f}%"
 
 
 def _pp(x: float | None) -> str:

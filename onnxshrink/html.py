@@ -14,6 +14,8 @@ import math
 from typing import Any, Iterable
 
 from onnxshrink.compare import HIST_EDGES, CompareResult
+from onnxshrink.compare import _g as _fmt_g
+from onnxshrink.compare import _pct as _fmt_pct
 from onnxshrink.report import Report, _human_bytes
 
 __all__ = ["compare_page", "optimize_page"]
@@ -82,15 +84,11 @@ def _e(x: Any) -> str:
 
 
 def _g(x: float | None, digits: int = 3) -> str:
-    if x is None:
-        return "–"
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)
-    return f"{x:.{digits}g}"
+    return _fmt_g(x, digits, dash="–")
 
 
 def _pct(x: float | None) -> str:
-    return "–" if x is None else f"{100 * x:.2f}%"
+    return _fmt_pct(x, dash="–")
 
 
 def _table(cols: list[str], rows: Iterable[list[str]], *, table_id: str, raw: bool = False,
