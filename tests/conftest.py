@@ -67,13 +67,13 @@ def run_cli(capsys, *args) -> tuple[int, str, str]:
     return code, out, err
 
 
-def make(nodes, inputs, outputs, inits=(), opset=17) -> onnx.ModelProto:
-    """A checked single-graph model (IR 8) from onnx.helper pieces."""
+def make(nodes, inputs, outputs, inits=(), opset=17, ir_version=8) -> onnx.ModelProto:
+    """A checked single-graph model (IR 8 unless ``ir_version``) from onnx.helper pieces."""
     from onnx import helper
 
     g = helper.make_graph(nodes, "g", inputs, outputs, list(inits))
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
-    m.ir_version = 8
+    m.ir_version = ir_version
     onnx.checker.check_model(m)
     return m
 

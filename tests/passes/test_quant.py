@@ -19,7 +19,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxshrink
-from conftest import MODELS, cli_exit, rel_l2, run_ort
+from conftest import MODELS, cli_exit, make, rel_l2, run_ort, vi
 from onnxshrink.calib import Dataset
 from onnxshrink.model import name_matcher
 from onnxshrink.passes.quant import (
@@ -210,14 +210,16 @@ def test_weights_with_nan_are_left_float_and_counted():
     assert stats["counters"]["weights_quantized"] == 2
 
 
+def matmul_model(w: np.ndarray, **kw) -> onnx.ModelProto:
+    """y = x @ w with ``w`` an initializer."""
+    return make([helper.make_node("MatMul", ["x", "w"], ["y"])], [vi("x", ["n", w.shape[0]])],
+                [vi("y", ["n", w.shape[1]])], [numpy_helper.from_array(w, "w")], **kw)
+
+
 def test_int4_matmul_nbits_matches_blockwise_reference():
     rng = np.random.default_rng(0)
     w = rng.normal(size=(64, 24)).astype(np.float32)
-    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "mm",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 24])],
-                          [numpy_helper.from_array(w, "w")])
-    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    proto = matmul_model(w)
     out, stats = quant(proto, mode="weights", bits=4, block_size=32)
     assert ops(out)["MatMulNBits"] == 1 and stats["counters"]["weights_int4_matmulnbits"] == 1
     # reference: symmetric int4 per 32-row block and column
@@ -233,18 +235,14 @@ def test_int4_matmul_nbits_matches_blockwise_reference():
 def test_int4_blocked_dequantize_at_opset_21():
     rng = np.random.default_rng(0)
     w = rng.normal(size=(64, 16)).astype(np.float32)
-    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "mm",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 16])],
-                          [numpy_helper.from_array(w, "w")])
-    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    proto = matmul_model(w, opset=21, ir_version=10)
     out, stats = quant(proto, mode="weights", bits=4, target="tensorrt")
     dq = [n for n in out.graph.node if n.op_type == "DequantizeLinear"]
     assert len(dq) == 1 and {a.name for a in dq[0].attribute} == {"axis", "block_size"}
     x = rng.normal(size=(3, 64)).astype(np.float32)
     assert rel_l2(x @ w, run_ort(out, {"x": x})[0]) < 0.15
     # below opset 21 it falls back to 8 bits and says so
-    proto17 = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    proto17 = matmul_model(w)
     out17, stats17 = quant(proto17, mode="weights", bits=4, target="tensorrt")
     assert any("opset 21" in k for k in stats17["declines"])
 
