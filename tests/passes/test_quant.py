@@ -880,3 +880,68 @@ def test_qdq_digits_cnn_runs_fully_int8_in_onnxruntime(tmp_path):
     fused = ops(onnx.load(str(tmp_path / "q.opt.onnx")))
     assert fused["QLinearConv"] == 3 and fused["QGemm"] == 2, fused
     assert fused["DequantizeLinear"] == 0 and fused["Gemm"] == 0 and fused["Conv"] == 0, fused
+
+
+def _qlinearconv(w: np.ndarray, group: int, x: np.ndarray, y_scale: float) -> np.ndarray:
+    """onnxruntime's QLinearConv of uint8 ``x`` and int8 ``w`` (all scales 1 but the output's, zero points 0)."""
+    arrays = {"w": w, "xs": np.array(1.0, np.float32), "xz": np.array(0, np.uint8), "ws": np.array(1.0, np.float32),
+              "wz": np.array(0, np.int8), "ys": np.array(y_scale, np.float32), "yz": np.array(0, np.uint8)}
+    node = helper.make_node("QLinearConv", ["x", "xs", "xz", "w", "ws", "wz", "ys", "yz"], ["y"], group=group,
+                            kernel_shape=list(w.shape[2:]))
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.UINT8, list(x.shape))],
+                          [helper.make_tensor_value_info("y", TensorProto.UINT8, None)],
+                          [numpy_helper.from_array(a, n) for n, a in arrays.items()])
+    return run_ort(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), {"x": x})[0]
+
+
+def test_depthwise_qlinearconv_is_exact_with_full_8bit_weights():
+    """The premise of 8-bit depthwise weights under reduce_range: onnxruntime's depthwise QLinearConv
+    (one input and one output channel per group) sums 255 × 127 products in int32 without saturating,
+    on any CPU (the im2col/GEMM path of other Convs saturates on AVX2 without VNNI; not asserted here,
+    it depends on the machine)."""
+    x = np.full((1, 16, 7, 7), 255, np.uint8)
+    for kernel in ((3, 3), (5, 5), (3,)):
+        xk = x[..., 0, :] if len(kernel) == 1 else x
+        w = np.full((16, 1) + kernel, 127, np.int8)
+        taps = int(np.prod(kernel))
+        # exact sum 255 * 127 * taps, scaled to 200 in uint8
+        y = _qlinearconv(w, 16, xk, 255 * 127 * taps / 200.0)
+        assert int(y.ravel()[0]) == 200, (kernel, y.ravel()[0])
+
+
+def test_depthwise_weights_keep_8_bits_under_reduce_range():
+    x = np.random.default_rng(4).uniform(0, 1, size=(32, 4, 8, 8)).astype(np.float32)
+    out, stats = quant(relu6_net(), dataset({"x": x}), mode="static", target="cpu")
+    by_name = {n.name: n for n in out.graph.node}
+    inits = {i.name: numpy_helper.to_array(i) for i in out.graph.initializer}
+    producer = {o: n for n in out.graph.node for o in n.output}
+
+    def qmax(conv: str) -> int:
+        dq = producer[by_name[conv].input[1]]
+        assert dq.op_type == "DequantizeLinear"
+        return int(np.abs(inits[dq.input[0]].astype(np.int32)).max())
+
+    assert stats["weights"] == "int8 with 7-bit range (reduce_range)"
+    assert qmax("dw") == 127  # the depthwise kernel cannot saturate: all 8 bits
+    assert qmax("expand") == 63 and qmax("project") == 63  # GEMM-path kernels keep 7 bits
+    ref = run_ort(relu6_net(), {"x": x})[0]
+    assert rel_l2(ref, run_ort(out, {"x": x})[0]) < 0.05
+
+
+def test_equal_activation_qparams_share_one_initializer():
+    """Two ReLU6 outputs calibrated to the same range [0, 6] get one scale and one zero point."""
+    x = np.random.default_rng(5).uniform(0, 40, size=(32, 4, 8, 8)).astype(np.float32)
+    out, stats = quant(relu6_net(), dataset({"x": x}), mode="static", target="cpu", calib="minmax")
+    act = [n for n in out.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear") and "axis" not in
+           {a.name for a in n.attribute} and not n.input[0].startswith("w")]
+    inits = {i.name: numpy_helper.to_array(i) for i in out.graph.initializer}
+    scales = {n.input[1] for n in act}
+    values = [float(inits[s]) for s in scales]
+    assert len(values) == len(set(values)), "equal scales must be one initializer"
+    assert stats["counters"]["qparams_shared"] >= 2
+    six = [s for s in scales if abs(float(inits[s]) - 6 / 255) < 1e-9]
+    assert len(six) == 1
+    q_of = {n.input[0]: n for n in out.graph.node if n.op_type == "QuantizeLinear"}
+    assert q_of["c1"].input[1] == q_of["c2"].input[1] == six[0]  # both Clips folded into Q [0, 6]
+    ref = run_ort(relu6_net(), {"x": x})[0]
+    assert rel_l2(ref, run_ort(out, {"x": x})[0]) < 0.05
