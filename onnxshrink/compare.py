@@ -50,7 +50,7 @@ import onnx_ir as ir
 
 from onnxshrink.calib import Dataset, input_specs, load_data, synthetic_data
 from onnxshrink.errors import DataError, InputError, UsageError
-from onnxshrink.validate import OutputMetrics, Tolerances, _Acc, compare_models, measure_latency
+from onnxshrink.validate import OutputMetrics, Tolerances, _Acc, compare_models, measure_latency, worst_part
 
 __all__ = [
     "compare",
@@ -244,14 +244,14 @@ class CompareResult:
             m = o.metrics
             ps = o.per_sample
             rows.append([
-                m.name, m.kind, _g(m.rel_l2) if m.kind == "float" else f"mismatch {_g(m.mismatch)}",
+                m.name, m.kind, _g(m.rel_l2) if m.kind == "float" else f"mismatch {_g(m.mismatch)}", worst_part(m),
                 f"{_g(ps.get('p50'))} / {_g(ps.get('p90'))} / {_g(ps.get('p99'))} / {_g(ps.get('max'))}",
                 _g(m.max_abs), "-" if m.snr_db is None else f"{m.snr_db:.1f}",
                 _pct(m.top1), _pct(o.top5), _g(m.tolerance), "yes" if m.passed else "NO",
             ])
         return rows
 
-    _OUTPUT_COLS = ["output", "kind", "rel L2", "per-sample p50/p90/p99/max", "max abs", "SNR dB",
+    _OUTPUT_COLS = ["output", "kind", "rel L2", "worst part", "per-sample p50/p90/p99/max", "max abs", "SNR dB",
                     "top-1 agree", "top-5 agree", "tol", "ok"]
 
     def _task_rows(self) -> list[list[str]]:

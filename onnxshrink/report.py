@@ -11,7 +11,7 @@ from typing import Any
 
 from onnxshrink.model import ModelStats
 from onnxshrink.pipeline import PassRecord
-from onnxshrink.validate import ValidationResult
+from onnxshrink.validate import ValidationResult, worst_part
 
 __all__ = ["Report", "SCHEMA_VERSION"]
 
@@ -169,11 +169,11 @@ class Report:
                                  f"{_num(r.get('macs_saved'))} | {r.get('reason')} |")
         lines += ["", "## Validation", ""] + [f"- {x.strip()}" for x in self._validation_lines()]
         if self.validation is not None and self.validation.outputs:
-            lines += ["", "| output | rel L2 | max abs | cosine | SNR dB | top-1 agree | tolerance | ok |",
-                      "|---|---:|---:|---:|---:|---:|---:|---|"]
+            lines += ["", "| output | rel L2 | worst part | max abs | cosine | SNR dB | top-1 agree | tolerance | ok |",
+                      "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
             for o in self.validation.outputs:
                 lines.append(
-                    f"| {o.name} | {o.rel_l2:.3g} | {o.max_abs:.3g} | {o.cosine:.6f} | "
+                    f"| {o.name} | {o.rel_l2:.3g} | {worst_part(o)} | {o.max_abs:.3g} | {o.cosine:.6f} | "
                     f"{'-' if o.snr_db is None else f'{o.snr_db:.1f}'} | {'-' if o.top1 is None else f'{o.top1:.4f}'} | "
                     f"{o.tolerance:.3g} | {'yes' if o.passed else 'NO'} |"
                 )
@@ -224,10 +224,10 @@ class Report:
         v = self.validation
         if v is not None and v.outputs:
             vt = Table(title="validation vs original (onnxruntime)", show_header=True, header_style="bold")
-            for col in ("output", "rel L2", "max abs", "cosine", "SNR dB", "top-1 agree", "tol", "ok"):
+            for col in ("output", "rel L2", "worst part", "max abs", "cosine", "SNR dB", "top-1 agree", "tol", "ok"):
                 vt.add_column(col, justify="right" if col not in ("output", "ok") else "left")
             for o in v.outputs:
-                vt.add_row(escape(o.name), f"{o.rel_l2:.3g}", f"{o.max_abs:.3g}", f"{o.cosine:.6f}",
+                vt.add_row(escape(o.name), f"{o.rel_l2:.3g}", escape(worst_part(o)), f"{o.max_abs:.3g}", f"{o.cosine:.6f}",
                            "-" if o.snr_db is None else f"{o.snr_db:.1f}",
                            "-" if o.top1 is None else f"{o.top1:.4f}", f"{o.tolerance:.3g}",
                            "[green]yes[/green]" if o.passed else "[red]NO[/red]")

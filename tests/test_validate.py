@@ -308,3 +308,24 @@ def test_parse_tolerances_rejects(item):
         parse_tolerances([item], 1e-5)
     assert exc.value.exit_code == 2
     assert exc.value.message.startswith(f"bad --tol {item!r}")
+
+
+@pytest.mark.parametrize("batch", [True, False])
+def test_worst_slice_finds_a_damaged_small_column(tmp_path, batch):
+    """A detector-like output: four large 'pixel' columns and one small 'score' column. Scaling the score
+    column by 1.5 moves the whole tensor's rel_l2 by ~0.3% (passes), but that column is 50% off: it is
+    reported (index, value) and named in a note, without failing the gate."""
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.uniform(100, 200, (16, 4)), rng.uniform(0, 1, (16, 1))], 1).astype(np.float32)
+    ref = _mul_model(tmp_path / "ref.onnx", np.ones(5, np.float32))
+    cand = _mul_model(tmp_path / "cand.onnx", np.array([1, 1, 1, 1, 1.5], np.float32))
+    res = compare_models(str(ref), str(cand), _data(x), Tolerances(0.05), batch=batch)
+    m = res.outputs[0]
+    assert res.status == "passed" and m.rel_l2 < 0.01
+    assert m.worst_slice == "axis 1 index 4"
+    assert m.worst_slice_rel_l2 == pytest.approx(0.5, rel=1e-6)
+    assert len(res.notes) == 1 and "axis 1 index 4" in res.notes[0] and "0.5" in res.notes[0]
+    # an even error (every column 1% off) is no finding
+    even = _mul_model(tmp_path / "even.onnx", np.full(5, 1.01, np.float32))
+    res = compare_models(str(ref), str(even), _data(x), Tolerances(0.05), batch=batch)
+    assert res.notes == [] and res.outputs[0].worst_slice_rel_l2 == pytest.approx(0.01, rel=1e-4)
