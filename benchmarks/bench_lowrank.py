@@ -46,22 +46,9 @@ def logits(path: str, x: np.ndarray) -> np.ndarray:
 def latency_pair_ms(ref_path: str, path: str, x: np.ndarray, batch: int, rounds: int = 15) -> tuple[float, float]:
     """Best per-run ms of the reference and the candidate, timed in interleaved rounds (the machine is
     shared: interleaving and taking the best of each makes other load hurt both alike)."""
-    sessions = [session(ref_path), session(path)]
-    feed = {"input": x[:batch]}
-    for s in sessions:
-        for _ in range(5):
-            s.run(None, feed)
-    best = [float("inf")] * 2
-    for _ in range(rounds):
-        for i, s in enumerate(sessions):
-            n, t0 = 0, time.perf_counter()
-            while True:
-                s.run(None, feed)
-                n += 1
-                el = time.perf_counter() - t0
-                if el > 0.03:
-                    break
-            best[i] = min(best[i], el / n)
+    from onnxshrink.validate import best_of_rounds
+
+    best = best_of_rounds([session(ref_path), session(path)], {"input": x[:batch]}, rounds, min_seconds=0.03)
     return best[0] * 1e3, best[1] * 1e3
 
 

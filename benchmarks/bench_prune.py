@@ -55,18 +55,10 @@ def top1(path: Path, x: np.ndarray, y: np.ndarray) -> float:
 
 def latency(paths: list[Path], x: np.ndarray, batch: int, rounds: int, per_round: int) -> list[float]:
     """Median milliseconds per run for each model, runs interleaved in rounds."""
-    sessions = [session(p) for p in paths]
+    from onnxshrink.validate import interleaved_times
+
     feed = {"input": np.ascontiguousarray(x[:batch])}
-    for s in sessions:  # warm-up
-        for _ in range(5):
-            s.run(None, feed)
-    times: list[list[float]] = [[] for _ in paths]
-    for _ in range(rounds):
-        for i, s in enumerate(sessions):
-            for _ in range(per_round):
-                t = time.perf_counter()
-                s.run(None, feed)
-                times[i].append(time.perf_counter() - t)
+    times = interleaved_times([session(p) for p in paths], feed, rounds, per_round=per_round)
     return [1000 * statistics.median(t) for t in times]
 
 

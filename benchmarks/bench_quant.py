@@ -46,18 +46,10 @@ def predict(path: str, x: np.ndarray) -> np.ndarray:
 
 def latency(paths: list[str], x: np.ndarray, batch: int, runs: int) -> list[float]:
     """Median ms per run of each model, runs interleaved so machine load hits all alike."""
+    from onnxshrink.validate import interleaved_times
+
     sessions = [session(p) for p in paths]
-    feed = x[:batch]
-    name = sessions[0].get_inputs()[0].name
-    for s in sessions:
-        for _ in range(5):
-            s.run(None, {name: feed})
-    times: list[list[float]] = [[] for _ in sessions]
-    for _ in range(runs):
-        for i, s in enumerate(sessions):
-            t = time.perf_counter()
-            s.run(None, {name: feed})
-            times[i].append(time.perf_counter() - t)
+    times = interleaved_times(sessions, {sessions[0].get_inputs()[0].name: x[:batch]}, runs)
     return [float(np.median(t) * 1000) for t in times]
 
 

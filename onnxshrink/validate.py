@@ -34,7 +34,8 @@ from onnxshrink.calib import Dataset
 from onnxshrink.errors import UsageError
 
 __all__ = ["Tolerances", "OutputMetrics", "ValidationResult", "compare_models", "parse_tolerances", "make_session",
-           "Latency", "measure_latency", "worst_part"]
+           "Latency", "measure_latency", "worst_part",
+           "interleaved_times", "best_of_rounds"]
 
 logger = logging.getLogger(__name__)
 
@@ -144,9 +145,11 @@ class ValidationResult:
 
 
 class _Acc:
-    """Running sums for one output."""
+    """Running sums for one output (``slices``: also per index of the last axis and axis 1, for model
+    outputs; per-layer comparisons of intermediate tensors do not need them)."""
 
-    def __init__(self) -> None:
+    def __init__(self, slices: bool = False) -> None:
+        self.with_slices = slices
         self.kind: str | None = None
         self.ref_sq = self.diff_sq = self.cand_sq = self.dot = 0.0
         self.abs_sum = 0.0
@@ -179,17 +182,18 @@ class _Acc:
             r_f = np.where(np.isfinite(r), r, 0.0)
             c_f = np.where(np.isfinite(c), c, 0.0)
             self.nan_mismatch += int(np.count_nonzero(~finite & ~both_nan & ~nan_only & (r != c)))
-        self.ref_sq += float(np.sum(r_f * r_f))
+        r_sq, d_sq = r_f * r_f, d_f * d_f
+        self.ref_sq += float(np.sum(r_sq))
         self.cand_sq += float(np.sum(c_f * c_f))
         self.dot += float(np.sum(r_f * c_f))
-        self.diff_sq += float(np.sum(d_f * d_f))
+        self.diff_sq += float(np.sum(d_sq))
         a = np.abs(d_f)
         self.abs_sum += float(a.sum())
         self.max_abs = max(self.max_abs, float(a.max()) if a.size else 0.0)
         self.count += r.size
-        for axis in _slice_axes(ref.shape):
+        for axis in _slice_axes(ref.shape) if self.with_slices else ():
             other = tuple(i for i in range(ref.ndim) if i != axis)
-            rs, ds = np.sum(r_f * r_f, axis=other), np.sum(d_f * d_f, axis=other)
+            rs, ds = np.sum(r_sq, axis=other), np.sum(d_sq, axis=other)
             prev = self.slices.get(axis, (np.zeros_like(rs), np.zeros_like(ds)))
             # a dynamic axis that changes size between batches has no per-index meaning: dropped
             self.slices[axis] = None if prev is None or prev[0].shape != rs.shape else (prev[0] + rs, prev[1] + ds)
@@ -243,11 +247,10 @@ class _Acc:
 
 
 def worst_part(o: OutputMetrics) -> str:
-    """``0.471 (axis 2 #11)``: the worst index of a float output's last axis or axis 1, or ``-``."""
+    """``0.471 (axis 2 index 11)``: the worst index of a float output's last axis or axis 1, or ``-``."""
     if o.kind != "float" or o.worst_slice_rel_l2 is None:
         return "-"
-    axis, _, index = o.worst_slice.removeprefix("axis ").partition(" index ")
-    return f"{o.worst_slice_rel_l2:.3g} (axis {axis} #{index})"
+    return f"{o.worst_slice_rel_l2:.3g} ({o.worst_slice})"
 
 
 def _slice_axes(shape: tuple[int, ...]) -> list[int]:
@@ -354,7 +357,7 @@ def _compare_sequential(ref_path: str | os.PathLike, cand_path: str | os.PathLik
     if missing:
         return ValidationResult("failed", f"optimized model lacks output(s) {', '.join(missing)}",
                                 source=data.source, seconds=time.perf_counter() - start, notes=[note])
-    accs = {n: _Acc() for n in out_names}
+    accs = {n: _Acc(slices=True) for n in out_names}
     for feed, ref_out in zip(data.batches(MAX_BATCH, batchable, limit), ref_outs):
         try:
             cand_out = cand.run(out_names, feed)
@@ -455,7 +458,7 @@ def compare_models(
     if missing:
         return ValidationResult("failed", f"optimized model lacks output(s) {', '.join(missing)}",
                                 source=data.source, seconds=time.perf_counter() - start)
-    accs = {n: _Acc() for n in out_names}
+    accs = {n: _Acc(slices=True) for n in out_names}
     batchable = batch and _batchable(ref) and _batchable(cand)
     samples = 0
     total = data.num_samples if limit is None else min(limit, data.num_samples)
@@ -538,6 +541,45 @@ class Latency:
                 "slower": self.slower}
 
 
+def interleaved_times(sessions: list[Any], feed: dict[str, Any], runs: int, *, warmup: int = 5,
+                      per_round: int = 1) -> list[list[float]]:
+    """Seconds of every run of each session: ``warmup`` untimed runs each, then ``runs`` rounds in which
+    each session runs ``per_round`` times in turn, so machine load hits all of them alike."""
+    for s in sessions:
+        for _ in range(warmup):
+            s.run(None, feed)
+    times: list[list[float]] = [[] for _ in sessions]
+    for _ in range(runs):
+        for i, s in enumerate(sessions):
+            for _ in range(per_round):
+                t = time.perf_counter()
+                s.run(None, feed)
+                times[i].append(time.perf_counter() - t)
+    return times
+
+
+def best_of_rounds(sessions: list[Any], feed: dict[str, Any], rounds: int, *, min_seconds: float,
+                   max_runs: int | None = None, warmup: int = 5) -> list[float]:
+    """Best seconds per run of each session over interleaved rounds; in a round a session runs until
+    ``min_seconds`` have passed (or ``max_runs``). The best of each is robust to other load on a shared
+    machine, for sub-millisecond models where one run is below the timer's noise."""
+    for s in sessions:
+        for _ in range(warmup):
+            s.run(None, feed)
+    best = [math.inf] * len(sessions)
+    for _ in range(rounds):
+        for i, s in enumerate(sessions):
+            k, t0 = 0, time.perf_counter()
+            while True:
+                s.run(None, feed)
+                k += 1
+                elapsed = time.perf_counter() - t0
+                if elapsed > min_seconds or (max_runs is not None and k >= max_runs):
+                    break
+            best[i] = min(best[i], elapsed / k)
+    return best
+
+
 def measure_latency(ref_path: str | os.PathLike, cand_path: str | os.PathLike, data: Dataset, *,
                     batches: tuple[int, ...] = (1,), runs: int = 50, threads: int = 1) -> list[Latency]:
     """Median latency of both models at each batch size, from one session per model, with runs
@@ -555,15 +597,7 @@ def measure_latency(ref_path: str | os.PathLike, cand_path: str | os.PathLike, d
             n = len(next(iter(feed.values()))) if feed and batchable and batch > 1 else 1
             if n in out:
                 continue
-            for s in (ref, cand):
-                for _ in range(3):
-                    s.run(None, feed)
-            times: dict[int, list[float]] = {0: [], 1: []}
-            for _ in range(runs):
-                for i, s in enumerate((ref, cand)):
-                    t = time.perf_counter()
-                    s.run(None, feed)
-                    times[i].append(time.perf_counter() - t)
+            times = interleaved_times([ref, cand], feed, runs, warmup=3)
             out[n] = Latency(float(np.median(times[0]) * 1000), float(np.median(times[1]) * 1000), n, runs, threads)
     except Exception:  # noqa: BLE001 - latency is informative; validation reports run failures
         return []

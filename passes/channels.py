@@ -319,7 +319,12 @@ class ChannelGraph:
             return sub, None
         return [], reason
 
-    def _add_cuts(self, places: list[tuple[ir.Node, int, int]], layout: Layout, role: str) -> None:
+    def _cut_weight(self, node: ir.Node, axis: int, layout: Layout, role: str) -> None:
+        """Cut ``axis`` of the node's weight (input 1) with ``layout``, or block the layout's groups."""
+        places, why = self._weight_cuts(node, 1, axis)
+        if why:
+            self.block(layout, why)
+            return
         for n, i, ax in places:
             self.cuts.append(Cut(n, i, ax, layout, role))
 
@@ -572,17 +577,9 @@ class ChannelGraph:
         macs = self._node_macs(node)
         if g == 1:
             if in_lay is not None:
-                places, why = self._weight_cuts(node, 1, in_axis)
-                if why:
-                    self.block(in_lay, why)
-                else:
-                    self._add_cuts(places, in_lay, "in")
+                self._cut_weight(node, in_axis, in_lay, "in")
             out_lay = self._fresh(node, M, 1)
-            places, why = self._weight_cuts(node, 1, out_axis_w)
-            if why:
-                self.block(out_lay, why)
-            else:
-                self._add_cuts(places, out_lay, "out")
+            self._cut_weight(node, out_axis_w, out_lay, "out")
             if has_bias:
                 self._cut_param(node, 2, 0, out_lay)
             self.layouts[node.outputs[0]] = out_lay
@@ -609,11 +606,7 @@ class ChannelGraph:
                     break
                 grp = self.groups[s.group]
                 grp.unit = grp.unit * k // math.gcd(grp.unit, k)
-        places, why = self._weight_cuts(node, 1, 0)
-        if why:
-            self.block(in_lay, why)
-        else:
-            self._add_cuts(places, in_lay, "out")
+        self._cut_weight(node, 0, in_lay, "out")
         if has_bias:
             self._cut_param(node, 2, 0, in_lay)
         self.fixes.append(Fix("group", node, [in_lay], unit=k))
@@ -638,17 +631,9 @@ class ChannelGraph:
             self.block(in_lay, "Gemm input channels do not match")
             in_lay = None
         if in_lay is not None:
-            places, why = self._weight_cuts(node, 1, in_axis_w)
-            if why:
-                self.block(in_lay, why)
-            else:
-                self._add_cuts(places, in_lay, "in")
+            self._cut_weight(node, in_axis_w, in_lay, "in")
         out_lay = self._fresh(node, N, 1)
-        places, why = self._weight_cuts(node, 1, out_axis_w)
-        if why:
-            self.block(out_lay, why)
-        else:
-            self._add_cuts(places, out_lay, "out")
+        self._cut_weight(node, out_axis_w, out_lay, "out")
         c = node.inputs[2] if len(node.inputs) > 2 else None
         if c is not None:
             cshape = _const_shape(c)
@@ -676,17 +661,9 @@ class ChannelGraph:
             self.block(in_lay, "MatMul input channels do not match")
             in_lay = None
         if in_lay is not None:
-            places, why = self._weight_cuts(node, 1, 0)
-            if why:
-                self.block(in_lay, why)
-            else:
-                self._add_cuts(places, in_lay, "in")
+            self._cut_weight(node, 0, in_lay, "in")
         out_lay = self._fresh(node, N, R - 1)
-        places, why = self._weight_cuts(node, 1, 1)
-        if why:
-            self.block(out_lay, why)
-        else:
-            self._add_cuts(places, out_lay, "out")
+        self._cut_weight(node, 1, out_lay, "out")
         self.layouts[node.outputs[0]] = out_lay
         self.mac_nodes.append(MacNode(node, self._node_macs(node), in_lay, out_lay))
         if in_lay is not None:

@@ -111,7 +111,6 @@ import math
 import os
 import shutil
 import tempfile
-import time
 from typing import Any, Literal
 
 import numpy as np
@@ -1606,7 +1605,7 @@ class _ProbeSession:
 def _measure_latency(p: LowrankPass, model: ir.Model, layer: _Layer) -> tuple[float, float]:
     """Best seconds per run of the layer alone, before and after the split (dynamic dims = 1)."""
     from onnxshrink.model import save_model
-    from onnxshrink.validate import make_session
+    from onnxshrink.validate import best_of_rounds, make_session
 
     node = layer.node
     x = node.inputs[layer.act_index]
@@ -1644,22 +1643,7 @@ def _measure_latency(p: LowrankPass, model: ir.Model, layer: _Layer) -> tuple[fl
             path = os.path.join(tmp, f"m{int(split)}.onnx")
             save_model(mini, path)
             sessions.append(make_session(path))
-        # interleaved rounds, best per-run time of each: robust to other load on a shared machine
-        feed = {"x": xin}
-        best = [math.inf, math.inf]
-        for sess in sessions:
-            for _ in range(5):
-                sess.run(None, feed)
-        for _ in range(LATENCY_ROUNDS):
-            for i, sess in enumerate(sessions):
-                k, t0 = 0, time.perf_counter()
-                while True:
-                    sess.run(None, feed)
-                    k += 1
-                    el = time.perf_counter() - t0
-                    if el > 0.01 or k >= 100:
-                        break
-                best[i] = min(best[i], el / k)
+        best = best_of_rounds(sessions, {"x": xin}, LATENCY_ROUNDS, min_seconds=0.01, max_runs=100)
     finally:
         sessions.clear()
         shutil.rmtree(tmp, ignore_errors=True)

@@ -645,13 +645,13 @@ def _measure_latency(model: ir.Model, context: Any, runs: int = 60) -> tuple[flo
     import shutil
     import statistics
     import tempfile
-    import time
     from pathlib import Path
 
     import onnxruntime as ort
 
     from onnxshrink.calib import input_specs, synthetic_data
     from onnxshrink.model import save_model
+    from onnxshrink.validate import interleaved_times
 
     data = context.data
     if data is None:
@@ -672,15 +672,7 @@ def _measure_latency(model: ir.Model, context: Any, runs: int = 60) -> tuple[flo
                 so.profile_file_prefix = str(tmp / "prof")
             return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
-        s = sess(False)
-        for _ in range(5):
-            s.run(None, feed)
-        times = []
-        for _ in range(runs):
-            t = time.perf_counter()
-            s.run(None, feed)
-            times.append(time.perf_counter() - t)
-        total = 1000 * statistics.median(times)
+        total = 1000 * statistics.median(interleaved_times([sess(False)], feed, runs)[0])
         ps = sess(True)
         for _ in range(min(runs, 20)):
             ps.run(None, feed)

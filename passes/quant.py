@@ -1043,27 +1043,23 @@ class QuantPass(ShrinkPass):
         return True
 
     def _compact_qparams(self, model: ir.Model) -> None:
-        """Activation Q/DQ pairs with equal (scalar) scale and zero point share one initializer each:
-        a smaller file, the same numbers. Zero points stay spelled out even when they are the default 0:
-        onnxruntime matches Q/DQ pairs around MaxPool/Flatten/Reshape and forms QGemm only with them
-        (measured: leaving them out left 3 DequantizeLinear in the optimized digits CNN)."""
+        """Equal scalar initializers of the main graph (activation scales and zero points, mostly) become
+        one: a smaller file, the same numbers. (onnx_ir's DeduplicateInitializersPass does this too, but
+        logs a warning per initializer of an IR < 4 model, which reaches API users' stderr.) Zero points
+        stay spelled out even when they are the default 0: onnxruntime matches Q/DQ pairs around
+        MaxPool/Flatten/Reshape and forms QGemm only with them (measured: leaving them out left 3
+        DequantizeLinear in the optimized digits CNN)."""
         graph = model.graph
-        shared: dict[tuple, ir.Value] = {}
-        for node in list(graph):
-            if not _is_onnx(node, "QuantizeLinear", "DequantizeLinear") or "axis" in node.attributes:
+        seen: dict[tuple, ir.Value] = {}
+        for v in list(graph.initializers.values()):
+            arr = _const_array(v)
+            if arr is None or arr.size != 1 or v.is_graph_input() or v.is_graph_output():
                 continue
-            if node.op_type == "DequantizeLinear" and node.inputs[0].producer() is None:
-                continue  # a weight's DequantizeLinear
-            for slot in (1, 2):
-                v = node.inputs[slot] if slot < len(node.inputs) else None
-                arr = _const_array(v)
-                if v is None or arr is None or arr.size != 1 or not v.is_initializer():
-                    continue
-                first = shared.setdefault((slot, v.dtype, arr.tobytes()), v)
-                if first is not v:
-                    node.replace_input_with(slot, first)
-                    self.count("qparams_shared")
-        self._remove_unused(model)
+            first = seen.setdefault((v.dtype, arr.shape, arr.tobytes()), v)
+            if first is not v:
+                v.replace_all_uses_with(first)
+                del graph.initializers[v.name]
+                self.count("qparams_shared")
 
     def _fold_activations_into_q(self, model: ir.Model) -> None:
         """Drop a Relu/Clip(0, M) whose only consumer is a QuantizeLinear that already clamps to it.

@@ -329,3 +329,40 @@ def test_worst_slice_finds_a_damaged_small_column(tmp_path, batch):
     even = _mul_model(tmp_path / "even.onnx", np.full(5, 1.01, np.float32))
     res = compare_models(str(ref), str(even), _data(x), Tolerances(0.05), batch=batch)
     assert res.notes == [] and res.outputs[0].worst_slice_rel_l2 == pytest.approx(0.01, rel=1e-4)
+
+
+class _FakeSession:
+    """Counts runs into a shared log (its name per run); each run takes ``seconds``."""
+
+    def __init__(self, name: str, log: list[str], seconds: float = 0.0) -> None:
+        self.name, self.log, self.seconds = name, log, seconds
+
+    def run(self, _outputs, _feed):
+        import time
+
+        self.log.append(self.name)
+        if self.seconds:
+            time.sleep(self.seconds)
+
+
+def test_interleaved_times_warms_up_then_alternates():
+    from onnxshrink.validate import interleaved_times
+
+    log: list[str] = []
+    times = interleaved_times([_FakeSession("a", log), _FakeSession("b", log)], {}, 3, warmup=2, per_round=2)
+    assert log == ["a", "a", "b", "b"] + ["a", "a", "b", "b"] * 3
+    assert [len(t) for t in times] == [6, 6] and all(t >= 0 for ts in times for t in ts)
+
+
+def test_best_of_rounds_keeps_the_fastest_per_run_time():
+    from onnxshrink.validate import best_of_rounds
+
+    log: list[str] = []
+    slow, fast = _FakeSession("s", log, 0.004), _FakeSession("f", log, 0.001)
+    best = best_of_rounds([slow, fast], {}, 2, min_seconds=0.0, max_runs=3, warmup=1)
+    # min_seconds 0: every round stops after its first run; warm-up once each, then 2 interleaved rounds
+    assert log == ["s", "f", "s", "f", "s", "f"]
+    assert 0.004 <= best[0] < 0.05 and 0.001 <= best[1] < best[0]
+    log.clear()
+    best_of_rounds([fast], {}, 1, min_seconds=10.0, max_runs=3, warmup=0)
+    assert log == ["f"] * 3  # max_runs ends a round that min_seconds would keep going

@@ -286,13 +286,15 @@ def test_opset11_upgrade_converts_axes_attributes_exactly():
     assert rel_l2(run_ort(proto, {"x": x})[0], run_ort(out, {"x": x})[0]) < 0.02
 
 
-def test_old_softmax_axis_blocks_upgrade_and_uses_per_channel_mul():
+def conv_then_opset11(second: onnx.NodeProto) -> onnx.ModelProto:
+    """An opset-11 model x[2,3,4,4] → 1×1 Conv(6) → ``second`` (reads ``c``, writes ``y`` [2,6,4,4])."""
     w = np.random.default_rng(0).normal(size=(6, 3, 1, 1)).astype(np.float32)
-    nodes = [helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Softmax", ["c"], ["y"], axis=1)]
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4, 4])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 6, 4, 4])],
-                          [numpy_helper.from_array(w, "w")])
-    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 11)])
+    return make([helper.make_node("Conv", ["x", "w"], ["c"]), second], [vi("x", [2, 3, 4, 4])],
+                [vi("y", [2, 6, 4, 4])], [numpy_helper.from_array(w, "w")], opset=11)
+
+
+def test_old_softmax_axis_blocks_upgrade_and_uses_per_channel_mul():
+    proto = conv_then_opset11(helper.make_node("Softmax", ["c"], ["y"], axis=1))
     out, stats = quant(proto, mode="weights")
     assert out.opset_import[0].version == 11
     assert "per_channel" in stats and ops(out)["Mul"] == 1
@@ -723,12 +725,7 @@ def test_attention_mask_add_and_inf_scores_stay_float():
 
 
 def test_opset11_dropout_ratio_attribute_is_upgraded():
-    w = np.random.default_rng(0).normal(size=(6, 3, 1, 1)).astype(np.float32)
-    nodes = [helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Dropout", ["c"], ["y"], ratio=0.3)]
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4, 4])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 6, 4, 4])],
-                          [numpy_helper.from_array(w, "w")])
-    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 11)])
+    proto = conv_then_opset11(helper.make_node("Dropout", ["c"], ["y"], ratio=0.3))
     out, stats = quant(proto, mode="weights")  # quant() runs the onnx checker on the result
     drop = next(n for n in out.graph.node if n.op_type == "Dropout")
     assert not drop.attribute and len(drop.input) == 2 and out.opset_import[0].version == 13
