@@ -19,7 +19,7 @@ from onnx import helper, numpy_helper
 
 import onnxshrink
 from conftest import MODELS, make, rel_l2, run_ort, vi
-from onnxshrink import _as_dataset
+from onnxshrink.api import _as_dataset
 from onnxshrink.errors import SpecError, UsageError
 from onnxshrink.passes.lowrank import LowrankOptions, LowrankPass, _factors, _Layer, _whitener
 from onnxshrink.pipeline import parse

@@ -643,7 +643,7 @@ def test_cli_bad_labels(tmp_path, capsys):
 
 
 def test_require_faster_fails_when_slower(tmp_path, monkeypatch, capsys):
-    import onnxshrink as pkg
+    import onnxshrink.api as pkg
     from onnxshrink.validate import Latency
 
     monkeypatch.setattr(pkg, "measure_latency", lambda *a, batches=(1,), **k: [Latency(1.0, 2.0, b, 5) for b in batches])
