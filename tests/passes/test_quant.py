@@ -451,7 +451,7 @@ def test_cle_through_clip_is_exact_on_calibration_data():
     ctx = PassContext(data=dataset({"x": x}))
     p = QuantPass(QuantOptions(mode="static", cle=True), ctx)
     p._taken, p._exclude, p._counter = {"x"}, name_matcher("none"), 0
-    from onnxshrink.passes.quant import _infer_shapes
+    from onnxshrink.passes.quant.graph import _infer_shapes
     _infer_shapes(model, ctx)
     assert p._cle(model)
     assert p.counters["cle_clip_rebounded"] == 2 and not p.declines
@@ -832,7 +832,7 @@ def test_detection_heads_stay_float_and_keep_box_quality():
 
 
 def test_classifier_heads_are_not_detection_heads():
-    from onnxshrink.passes.quant import _output_heads
+    from onnxshrink.passes.quant.placement import output_heads as _output_heads
 
     model = ir.from_proto(conv_net())
     assert _output_heads(model.graph, decode_only=True) == {}
