@@ -1,4 +1,9 @@
-"""DOC"""
+"""Graph building for the quant pass: initializers, nodes and names.
+
+Names are short (``w3``, ``a17s``) because on small models names are a large part of the file; they are
+made unique against every name of every graph, so subgraph bodies never shadow them. New nodes get no name
+(the graph names them on insertion, and the pass clears those names afterwards: saved files need none).
+"""
 from __future__ import annotations
 
 from typing import Any
@@ -11,7 +16,7 @@ from onnxshrink.passes.quant.graph import WEIGHT_OPS, is_onnx
 
 
 class GraphBuilder:
-    """CLSDOC"""
+    """Initializers, nodes, names and dead-Q/DQ cleanup shared by every rewrite of the pass."""
 
     def _excluded(self, node: ir.Node) -> bool:
         return self._exclude(node.name)

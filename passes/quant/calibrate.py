@@ -1,4 +1,13 @@
-"""DOC"""
+"""Static calibration: activation statistics streamed through onnxruntime via ``PassContext.capture``.
+
+Pass 1 over the data (``samples`` at most, one batch at a time) records per-tensor min/max, batches with
+NaN/Inf, and per-channel sums of Conv/Gemm/MatMul inputs (for bias correction); for ``percentile``,
+``entropy`` and ``mse`` pass 2 fills a 2048-bin histogram over ``[min, max]``. Memory is the histograms plus
+one batch, whatever the number of samples. Tensors are captured in groups whose batch fits a memory budget
+(``capture.plan_groups``). Statistics are cached in ``PassContext.store`` under a hash of the graph,
+its initializers, the tensor names, the sample count and the data, so a re-run with another ``calib`` or
+target reuses them.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -12,7 +21,7 @@ from onnxshrink.passes.quant.ranges import TensorStats
 
 
 class Calibrator:
-    """CLSDOC"""
+    """Streamed activation statistics for static mode (see the module docstring)."""
 
     def _calibrate(self, model: ir.Model, names: list[str], mean_axes: dict[str, int]) -> dict[str, TensorStats]:
         from onnxshrink.capture import plan_groups

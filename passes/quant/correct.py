@@ -1,4 +1,12 @@
-"""DOC"""
+"""Bias correction: remove the output mean shift that weight rounding adds.
+
+For a Conv/Gemm ``y = W x + b`` with quantized weight ``Ŵ``, ``E[Ŵx] − E[Wx] = (Ŵ − W) E[x]``, so
+``Δb_o = Σ_c E[x_c] · Σ_k (Ŵ − W)[o, c, k]`` (Conv: channel ``c`` within the group of output ``o``; Gemm:
+``α/β · E[x] (Ŵ − W)`` with the weight as ``[K, N]``) is subtracted from the bias, with ``E[x]`` the per-channel mean from calibration.
+The same ``Ŵ`` the pass writes is used (same axis and bits). Preconditions: main-graph node, weight used
+only there, bias a constant of the output shape used only there (else a counted decline); a Gemm without a
+bias is skipped (adding C would need beta semantics).
+"""
 from __future__ import annotations
 
 import numpy as np
@@ -10,7 +18,7 @@ from onnxshrink.passes.quant.weights import dequantize_weight, quantize_weight
 
 
 class BiasCorrector:
-    """CLSDOC"""
+    """Bias correction (see the module docstring)."""
 
     def _bias_correction(self, model: ir.Model, found: dict[ir.Value, list], stats: dict[str, TensorStats],
                          plan: dict[ir.Value, list]) -> None:

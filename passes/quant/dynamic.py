@@ -1,4 +1,11 @@
-"""DOC"""
+"""mode=dynamic: MatMul/Gemm with a constant weight -> DynamicQuantizeLinear + MatMulInteger.
+
+``y = Cast(MatMulInteger(xq, Wq, xz, 0)) · (x_scale · s_W) (+ bias)``, where ``(xq, x_scale, xz) =
+DynamicQuantizeLinear(x)`` (uint8, per batch) and ``Wq`` is the symmetric int8 weight (per output column):
+the u8s8 form onnxruntime's CPU provider runs and fuses. Gemm needs ``transA = 0``, ``alpha = 1`` and
+``beta = 1`` (with a bias) so the rewrite stays exact. Conv is never quantized dynamically: ConvInteger u8s8
+has no CPU kernel, and a dynamic Conv is slower than float.
+"""
 from __future__ import annotations
 
 import numpy as np
@@ -9,7 +16,7 @@ from onnxshrink.passes.quant.weights import quantize_weight
 
 
 class DynamicQuantizer:
-    """CLSDOC"""
+    """mode=dynamic rewrites (see the module docstring)."""
 
     def _quantize_dynamic(self, model: ir.Model) -> bool:
         changed = False

@@ -1,4 +1,19 @@
-"""DOC"""
+"""Cross-layer equalization (CLE) of ``Conv₁ → Relu|Clip(0, M) → Conv₂`` pairs.
+
+With per-channel weight ranges ``r₁ᵢ`` (output channel i of Conv₁) and ``r₂ᵢ`` (input channel i of Conv₂,
+grouped and depthwise Convs included), ``sᵢ = √(r₁ᵢ / r₂ᵢ)``; ``W₁ᵢ /= sᵢ``, ``b₁ᵢ /= sᵢ``,
+``W₂[:, i] *= sᵢ``, three sweeps. Exact because ``relu(x/s) = relu(x)/s`` for ``s > 0``.
+
+``Clip(0, M)`` (ReLU6) is not scale-equivariant: channel i would need its own bound ``M/sᵢ``. So the
+per-channel maxima of the Clip's input are measured on the calibration data first; after equalizing, the
+Clip gets one bound ``C = maxᵢ min(maxᵢ, M)/sᵢ`` and the channels the Clip cut in calibration are rescaled
+once more to ``sᵢ = M/C``: the pair is then exact for those channels on any input, and for the others on any
+input within their calibrated range (where the quantized model clamps anyway).
+
+Default ``cle=auto``: on only with per-tensor weights. With per-channel weight scales equalizing buys nothing
+for the weights and widens activation ranges. Preconditions: every weight and bias touched is a constant
+used only by that Conv; the Relu/Clip has no other consumer and is not a graph output.
+"""
 from __future__ import annotations
 
 import math
@@ -10,7 +25,7 @@ from onnxshrink.passes.quant.graph import attr, clip_bound, is_onnx, is_weight, 
 
 
 class Equalizer:
-    """CLSDOC"""
+    """Cross-layer equalization (see the module docstring)."""
 
     def _cle(self, model: ir.Model) -> bool:
         """Cross-layer equalization of Conv→Relu→Conv and Conv→Clip(0, M)→Conv pairs (see module doc)."""

@@ -1,4 +1,11 @@
-"""DOC"""
+"""Op tables and read-only graph predicates shared by the quant modules.
+
+Nothing here edits a graph. The weight axis is the output-channel axis of each weight layout (Conv ``[O, I/g,
+k...]``: 0; ConvTranspose ``[I, O/g, k...]``: 1, per-tensor when grouped because its output channels are not
+contiguous along one axis; Gemm: 0 if ``transB`` else 1; MatMul ``[K, N]``: 1; LSTM/GRU/RNN
+``[dirs, gates*hidden, in]``: 1, one scale per gate row). A value is an *activation* when it is a float tensor
+computed at run time: neither a constant nor the output of a DequantizeLinear (already quantized).
+"""
 from __future__ import annotations
 
 import logging

@@ -1,4 +1,11 @@
-"""DOC"""
+"""Opset 11/12 -> 13 upgrade, done only where it is exact, so weights can be dequantized per channel.
+
+Per-channel ``DequantizeLinear`` (the ``axis`` attribute) needs opset 13. The upgrade moves ``axes`` and
+``split`` attributes of Squeeze/Unsqueeze/ReduceSum/Split to inputs and Dropout's ``ratio`` to an input.
+Softmax/LogSoftmax/Hardmax change meaning at 13 (they flatten at ``axis`` before 13, normalize one axis
+from 13), so the upgrade happens only when each such axis is the last one, where both agree; otherwise the
+opset stays and weights go per-channel through ``DequantizeLinear(q, 1) · s`` (exact, one Mul more).
+"""
 from __future__ import annotations
 
 import numpy as np
@@ -8,7 +15,7 @@ from onnxshrink.passes.quant.graph import all_nodes, append_input, attr, is_onnx
 
 
 class OpsetUpgrader:
-    """CLSDOC"""
+    """The opset 11/12 -> 13 upgrade (see the module docstring)."""
 
     def _upgrade_opset(self, model: ir.Model) -> bool:
         """Upgrade an opset-11/12 model to 13 in place where that is exact; else note per-tensor."""

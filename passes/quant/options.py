@@ -1,4 +1,8 @@
-"""DOC"""
+"""The options of the quant pass: names, defaults, choices and help texts, checked on construction.
+
+``bits=4`` is weights-only because no runtime here has an int4 activation kernel; ``block_size`` is a power
+of two of at least 16 because MatMulNBits packs two nibbles per byte in blocks of that many K rows.
+"""
 from __future__ import annotations
 
 import dataclasses

@@ -1,4 +1,12 @@
-"""DOC"""
+"""The registered ``quant`` pass: mode selection, checks, and the order of the steps.
+
+``weights``: weights only. ``dynamic``: MatMul/Gemm rewrites. ``static``: CLE (optional) → placement →
+range groups → calibration → ranges → weights (bias correction first) → activation Q/DQ → int32 biases →
+``max_drop`` fallback → Relu/Clip folding → QLinear ops (``format=qop``) or shared qparams. Options are
+validated before the graph is touched; a model onnxruntime cannot run falls back to weights-only with a
+counted reason. ``tolerance`` (0.15 relative L2 on outputs; 0.3 for 4-bit) is the validation bound;
+task accuracy is what ``max_drop`` and the benchmarks measure.
+"""
 from __future__ import annotations
 
 import math

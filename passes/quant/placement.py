@@ -1,4 +1,23 @@
-"""DOC"""
+"""Static placement: which float activations get a QuantizeLinear → DequantizeLinear pair.
+
+*Anchors* are the ops with integer kernels: Conv, ConvTranspose, Gemm, MatMul (activation x activation
+only with ``matmul_act``), Add of two activations, and for cpu/mobile SiLU's ``Mul(x, Sigmoid(x))``
+(QLinearSigmoid + QLinearMul keep the Conv before it int8; TensorRT fuses Conv+SiLU itself). *Followers*
+(pools, Concat, Resize, data movement, Sigmoid) join when their output reaches an anchor, so int8 flows
+through them. Everything else (Softmax, LayerNormalization, GELU/Erf, Div, Pow, reductions) stays float.
+Adds between an attention score and its Softmax stay float: masks hold huge negatives or −inf that no 8-bit
+range represents.
+
+Heads (``heads=auto``): a weighted node whose output reaches a graph output through no other weighted op,
+and whose path scales it by a constant (stride/anchor ``Mul``/``Div``) or takes ``Pow``/``Exp`` — a
+YOLO-style in-graph decode — keeps a float input: int8 rounding there becomes pixels of box error. A bias
+Add alone is not decoding. ``heads=float`` keeps every output head float, ``int8`` none.
+
+Range groups (union-find): Concat inputs and output share one range (the union) so the Concat moves int8
+without requantizing; data-movement ops share their input's range; with ``target=tensorrt`` the two inputs
+of a residual Add share one (TensorRT then fuses the Add into the Conv; onnxruntime's QLinearAdd rescales
+each input, so cpu/mobile keep the finer separate ranges).
+"""
 from __future__ import annotations
 
 import onnx_ir as ir
@@ -25,7 +44,7 @@ _PASS_OPS = _ELEMENTWISE | {"Sigmoid", "Softmax", "LogSoftmax", "Tanh", "Relu", 
 
 
 class Placement:
-    """CLSDOC"""
+    """Activation placement, float heads, range groups, and which inputs need channel means."""
 
     def _plan(self, model: ir.Model) -> dict[ir.Value, list[tuple[ir.Node, int]]]:
         """Float activations of the main graph to quantize, with the (node, slot) uses that read them."""

@@ -1,4 +1,17 @@
-"""DOC"""
+"""Static-mode QDQ rewrites: activation Q/DQ pairs, int32 biases, activation folding, shared qparams.
+
+* Each planned activation gets one ``QuantizeLinear → DequantizeLinear`` right after its producer; every
+  planned use reads the DequantizeLinear (recorded for ``max_drop`` fallback).
+* Biases: ``b_q = round(b / (s_x · s_W))`` as int32 behind DequantizeLinear (axis 0), where input and weight
+  are dequantized: all Conv/Gemm for ``format=qop`` (QLinearConv requires it); only Gemm in QDQ for
+  cpu/mobile (onnxruntime forms QGemm for an un-requantized Gemm only with it; Conv fuses with a float bias).
+* A Relu / ``Clip(0, M)`` whose only consumer is a uint8 QuantizeLinear with ``z = 0`` (and ``255·s ≤ M``)
+  is dropped: the Q already saturates to ``[0, 255·s]``, so ``Q(relu(x)) = Q(x)`` bit for bit (onnxruntime
+  does the same fusion on load). Symmetric int8 (tensorrt) is left alone.
+* Equal scalar initializers of the main graph become one (a smaller file, the same numbers); zero points
+  stay spelled out even when 0, because onnxruntime matches Q/DQ pairs around MaxPool/Flatten/Reshape and
+  forms QGemm only with them.
+"""
 from __future__ import annotations
 
 import numpy as np
@@ -9,7 +22,7 @@ from onnxshrink.passes.quant.graph import attr, const_array, dq_scale, is_onnx, 
 
 
 class QDQWriter:
-    """CLSDOC"""
+    """Static QDQ rewrites (see the module docstring)."""
 
     def _insert_qdq(self, model: ir.Model, value: ir.Value, uses: list[tuple[ir.Node, int]],
                     scale: np.ndarray, zp: np.ndarray) -> None:

@@ -1,4 +1,11 @@
-"""DOC"""
+"""``format=qop``: ``DQ → Conv/MatMul/Add (→ Relu|Clip) → Q`` patterns become QLinear ops.
+
+``QLinearConv`` (int32 bias ``s_b = s_x · s_W``), ``QLinearMatMul`` (per-tensor B scale only) and
+``com.microsoft::QLinearAdd`` (scalar scales). A Relu / ``Clip(0, M)`` between the op and the Q is absorbed
+when the Q's uint8 zero point is 0 and ``255·s ≤ M``: the Q already clamps there. Afterwards
+``Q(DQ(x))`` pairs with equal scale and zero point are dropped (they are the identity on ``x``). QLinear ops
+need explicit zero points; symmetric weights share one scalar zero per dtype.
+"""
 from __future__ import annotations
 
 import numpy as np
@@ -8,7 +15,7 @@ from onnxshrink.passes.quant.graph import MS_DOMAIN, const_array, dq_parts, is_o
 
 
 class QOpWriter:
-    """CLSDOC"""
+    """QLinear-op rewriting for format=qop (see the module docstring)."""
 
     def _to_qop(self, model: ir.Model) -> None:
         graph = model.graph

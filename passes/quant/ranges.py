@@ -1,4 +1,20 @@
-"""DOC"""
+"""Range estimators and activation quantization parameters.
+
+From a tensor's statistics (:class:`TensorStats`: min/max, a 2048-bin histogram over ``[min, max]``):
+
+* ``minmax``: ``[min, max]``.
+* ``percentile``: the range holding ``percentile`` % of the values, the tail split between both ends;
+  one threshold on ``|x|`` when the range is symmetric or non-negative.
+* ``entropy``: on the histogram of ``|x|``, the clipping threshold ``t`` whose 128-level quantization keeps
+  the distribution closest in KL divergence (TensorRT's method): outliers fold into the last kept bin;
+  empty quantized bins get ``1e-4`` so the divergence stays finite; 96 candidate thresholds.
+* ``mse``: the range ``[a, b]`` (a scaled copy of ``[min, max]``, 101 candidates) minimizing the expected
+  squared error under the histogram: clipped tails ``Σ p (x − clip(x))²`` plus rounding ``s²/12`` inside.
+
+Activation parameters for ``[lo, hi]`` (widened to hold 0, so 0 is exact for padding and Relu):
+cpu/mobile uint8 asymmetric ``s = (hi − lo)/255``, ``z = round(−lo/s)``; tensorrt int8 symmetric
+``s = max(|lo|, |hi|)/127``, ``z = 0`` (TensorRT takes symmetric activations only).
+"""
 from __future__ import annotations
 
 import math

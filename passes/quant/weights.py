@@ -1,4 +1,22 @@
-"""DOC"""
+"""Weight quantization: symmetric per-channel int8 (optionally 7-bit) and int4 MatMul weights.
+
+int8: ``s_c = max|W_c| / (2^(b-1) − 1)``, ``q = clip(round(W / s_c), −q_max, q_max)`` along the output-channel
+axis (``graph.weight_axis``); symmetric because integer kernels want a zero weight zero point. ``b = 7``
+(``reduce_range``) where an integer kernel multiplies: onnxruntime's u8s8 kernels on x86 without VNNI add
+pairs of products in int16 and saturate; depthwise Conv sums in int32 and keeps all 8 bits; a weight read
+only by float ops (heads, excluded paths) keeps all 8 bits too. Large weights are read and quantized slice by
+slice (16 MiB), so memory stays near the int8 result.
+
+int4 (``bits=4``, MatMul ``[K, N]`` weights): per block of ``block_size`` rows of K, ``s = max|W_blk| / 7``,
+``q = clip(round(W / s), −8, 7)``. ``target=cpu`` writes onnxruntime's ``com.microsoft::MatMulNBits``
+(uint4 = q + 8, the implicit zero point 8, low nibble first, B as ``[N, blocks, block_size/2]``); other
+targets an opset-21 blocked ``DequantizeLinear`` of int4 (below opset 21: 8 bits, with a decline).
+
+Preconditions: float32 weights; a weight shared with a node that is not quantized, smaller than 16 values,
+or holding NaN/Inf is left float with a counted reason. LSTM/GRU/RNN weights are quantized only in
+``mode=weights``: onnxruntime does not fold a DequantizeLinear of a constant, so in the speed modes it
+would run at every inference.
+"""
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -98,7 +116,7 @@ def dequantize_weight(q: np.ndarray, scale: np.ndarray, axis: int | None) -> np.
 
 
 class WeightQuantizer:
-    """CLSDOC"""
+    """Weight-only quantization (all modes' weights): slots, bits, DequantizeLinear insertion, int4."""
 
     def _weight_slots(self, model: ir.Model, ops: Iterable[str]) -> dict[ir.Value, list[tuple[ir.Node, int]]]:
         """Constant float weights of ``ops`` with every (node, slot) using them, in graph order."""
@@ -151,7 +169,7 @@ class WeightQuantizer:
         n = sum(1 for node in all_nodes(model) if is_onnx(node, *RECURRENT_OPS))
         if n:
             # onnxruntime does not fold a DequantizeLinear of a constant: it would run every inference
-            # (measured 2x slower on a small LSTM); mode=weights, which is about size, quantizes them
+            # (see docs/passes/quant.md); mode=weights, which is about size, quantizes them
             self.decline("LSTM/GRU/RNN weights kept float in static/dynamic mode (mode=weights quantizes them)")
             self.count("recurrent_kept_float", n)
 
