@@ -83,7 +83,7 @@ def pip_download(spec: str, cache: Path = CACHE) -> Path:
     stem = name.replace("-", "_").lower()
     def found() -> list[Path]:
         return sorted(p for p in dest.iterdir()
-                      if p.name.lower().replace("-", "_").startswith(f"{stem}-{version}".lower()))
+                      if p.name.lower().replace("-", "_").startswith(f"{stem}_{version}".lower()))
     have = found()
     if not have:
         subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(dest), spec],
