@@ -1,6 +1,6 @@
 """The bad-input catalogue, part 2: the cases not already in test_cli.py's ``BAD_CASES``.
 
-The whole catalogue (test_cli.py ``BAD_CASES`` + ``CASES`` here) is listed in the README. Every case must
+The whole catalogue (test_cli.py ``BAD_CASES`` + ``CASES`` here) is listed in docs/cli.md. Every case must
 give: exit code 2, one ``error:`` line (a spec error adds its text and a caret, indented), a ``hint:`` line,
 no traceback, every file in the folder byte-for-byte unchanged and nothing new written. Model cases are
 also run through ``inspect`` and ``check``.

@@ -82,8 +82,9 @@ def pip_download(spec: str, cache: Path = CACHE) -> Path:
     name, _, version = spec.partition("==")
     stem = name.replace("-", "_").lower()
     def found() -> list[Path]:
-        return sorted(p for p in dest.iterdir()
-                      if p.name.lower().replace("-", "_").startswith(f"{stem}-{version}".lower()))
+        want = f"{stem}_{version}_".lower()  # wheel names: {dist}-{version}-...; compare with "-" -> "_"
+        return sorted(p for p in dest.iterdir() if not p.name.endswith(".part")
+                      and p.name.lower().replace("-", "_").startswith(want))
     have = found()
     if not have:
         subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(dest), spec],
