@@ -4,6 +4,7 @@ Names are short (``w3``, ``a17s``) because on small models names are a large par
 made unique against every name of every graph, so subgraph bodies never shadow them. New nodes get no name
 (the graph names them on insertion, and the pass clears those names afterwards: saved files need none).
 """
+
 from __future__ import annotations
 
 from typing import Any

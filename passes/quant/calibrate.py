@@ -8,6 +8,7 @@ one batch, whatever the number of samples. Tensors are captured in groups whose 
 its initializers, the tensor names, the sample count and the data, so a re-run with another ``calib`` or
 target reuses them.
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -7,6 +7,7 @@ The same ``Ŵ`` the pass writes is used (same axis and bits). Preconditions: mai
 only there, bias a constant of the output shape used only there (else a counted decline); a Gemm without a
 bias is skipped (adding C would need beta semantics).
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -6,6 +6,7 @@ the u8s8 form onnxruntime's CPU provider runs and fuses. Gemm needs ``transA = 0
 ``beta = 1`` (with a bias) so the rewrite stays exact. Conv is never quantized dynamically: ConvInteger u8s8
 has no CPU kernel, and a dynamic Conv is slower than float.
 """
+
 from __future__ import annotations
 
 import numpy as np

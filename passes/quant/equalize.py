@@ -14,6 +14,7 @@ Default ``cle=auto``: on only with per-tensor weights. With per-channel weight s
 for the weights and widens activation ranges. Preconditions: every weight and bias touched is a constant
 used only by that Conv; the Relu/Clip has no other consumer and is not a graph output.
 """
+
 from __future__ import annotations
 
 import math

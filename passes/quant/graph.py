@@ -6,6 +6,7 @@ contiguous along one axis; Gemm: 0 if ``transB`` else 1; MatMul ``[K, N]``: 1; L
 ``[dirs, gates*hidden, in]``: 1, one scale per gate row). A value is an *activation* when it is a float tensor
 computed at run time: neither a constant nor the output of a DequantizeLinear (already quantized).
 """
+
 from __future__ import annotations
 
 import logging

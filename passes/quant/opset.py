@@ -6,6 +6,7 @@ Softmax/LogSoftmax/Hardmax change meaning at 13 (they flatten at ``axis`` before
 from 13), so the upgrade happens only when each such axis is the last one, where both agree; otherwise the
 opset stays and weights go per-channel through ``DequantizeLinear(q, 1) · s`` (exact, one Mul more).
 """
+
 from __future__ import annotations
 
 import numpy as np

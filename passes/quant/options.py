@@ -3,6 +3,7 @@
 ``bits=4`` is weights-only because no runtime here has an int4 activation kernel; ``block_size`` is a power
 of two of at least 16 because MatMulNBits packs two nibbles per byte in blocks of that many K rows.
 """
+
 from __future__ import annotations
 
 import dataclasses

@@ -7,6 +7,7 @@ validated before the graph is touched; a model onnxruntime cannot run falls back
 counted reason. ``tolerance`` (0.15 relative L2 on outputs; 0.3 for 4-bit) is the validation bound;
 task accuracy is what ``max_drop`` and the benchmarks measure.
 """
+
 from __future__ import annotations
 
 import math
@@ -44,7 +45,8 @@ from onnxshrink.targets import static_problems
 @register("quant", QuantOptions, summary="int8/int4 quantization to QDQ or QLinear ops (weights/dynamic/static)")
 class QuantPass(GraphBuilder, OpsetUpgrader, WeightQuantizer, DynamicQuantizer, Placement, Calibrator,
                 Equalizer, BiasCorrector, QDQWriter, QOpWriter, Recovery, ShrinkPass):
-    """Quantization; see the module docstring for the math, modes and preconditions."""
+    """Quantization: the steps live in the mixins (one module each, see the package docstring); this class
+    checks the options, picks the mode and runs the steps in order."""
 
     tolerance = 0.15
 

@@ -18,6 +18,7 @@ without requantizing; data-movement ops share their input's range; with ``target
 of a residual Add share one (TensorRT then fuses the Add into the Conv; onnxruntime's QLinearAdd rescales
 each input, so cpu/mobile keep the finer separate ranges).
 """
+
 from __future__ import annotations
 
 import onnx_ir as ir

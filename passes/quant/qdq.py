@@ -12,6 +12,7 @@
   stay spelled out even when 0, because onnxruntime matches Q/DQ pairs around MaxPool/Flatten/Reshape and
   forms QGemm only with them.
 """
+
 from __future__ import annotations
 
 import numpy as np

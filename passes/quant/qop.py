@@ -6,6 +6,7 @@ when the Q's uint8 zero point is 0 and ``255·s ≤ M``: the Q already clamps th
 ``Q(DQ(x))`` pairs with equal scale and zero point are dropped (they are the identity on ``x``). QLinear ops
 need explicit zero points; symmetric weights share one scalar zero per dtype.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -15,6 +15,7 @@ Activation parameters for ``[lo, hi]`` (widened to hold 0, so 0 is exact for pad
 cpu/mobile uint8 asymmetric ``s = (hi − lo)/255``, ``z = round(−lo/s)``; tensorrt int8 symmetric
 ``s = max(|lo|, |hi|)/127``, ``z = 0`` (TensorRT takes symmetric activations only).
 """
+
 from __future__ import annotations
 
 import math

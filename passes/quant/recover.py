@@ -7,6 +7,7 @@ recovers when that layer alone reads its float inputs (one model run per layer),
 that order until the drop holds. Every rewired input was recorded by ``_replace``, so a layer is switched
 by swapping inputs, never by rebuilding the graph. Model runs go through ``PassContext.capture``.
 """
+
 from __future__ import annotations
 
 from typing import Any

@@ -17,6 +17,7 @@ or holding NaN/Inf is left float with a counted reason. LSTM/GRU/RNN weights are
 ``mode=weights``: onnxruntime does not fold a DequantizeLinear of a constant, so in the speed modes it
 would run at every inference.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
